@@ -1,0 +1,89 @@
+"""Shared fixtures: the test tier, a launched demo, and a headless-Chromium page."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CAMP_TIER", "ci")
+os.environ.setdefault("CAMP_PROGRESS", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ["CAMP_SETTINGS"] = str(REPO / "settings.ini")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def launch_demo(tmp_path):
+    """Start `camp demo NAME ...` in a subprocess; returns its URL once it serves. Killed at teardown."""
+    procs = []
+
+    def launch(name: str, *extra_args: str, timeout: float = 120) -> str:
+        port = _free_port()
+        log = open(tmp_path / f"demo-{name}.log", "w+")
+        camp = Path(sys.executable).with_name("camp")
+        proc = subprocess.Popen([str(camp), "demo", name, "--port", str(port), *extra_args], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append((proc, log))
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"camp demo {name} exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.5)
+        log.seek(0)
+        raise TimeoutError(f"camp demo {name} did not serve {url} within {timeout} s:\n{log.read()[-3000:]}")
+
+    yield launch
+    for proc, log in procs:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: install it with `apt-get install chromium` (Debian/Ubuntu, as root); `make test` does this")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh Playwright page in headless Chromium (wait for `load`, then for an element)."""
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    yield pg
+    context.close()

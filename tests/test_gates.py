@@ -1,0 +1,65 @@
+"""CI gates: notebooks clean, library in sync with notebooks, README rendered from the index, CI runs the README."""
+import json
+import re
+import shutil
+
+from gates import notebooks, out_of_sync_modules, unclean_notebooks
+
+from course_lib.camp import render_readme
+
+
+def test_notebooks_are_clean(repo_root, tmp_path):
+    assert notebooks(repo_root), "no notebooks found"
+    assert unclean_notebooks(repo_root, tmp_path) == [], "run nbdev-clean on these notebooks"
+
+
+def test_library_in_sync_with_notebooks(repo_root, tmp_path):
+    assert out_of_sync_modules(repo_root, tmp_path) == [], "run nbdev-export and commit course_lib/"
+
+
+def _copy_repo(repo_root, dest):
+    dest.mkdir(parents=True)
+    for part in ("pyproject.toml", "nbs", "course_lib", "labs", "homework"):
+        src = repo_root / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / part)
+
+
+def test_sync_gate_fails_on_a_notebook_edit_not_exported(repo_root, tmp_path):
+    _copy_repo(repo_root, tmp_path / "edited")
+    nb_path = tmp_path / "edited" / "nbs" / "00_core.ipynb"
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb["cells"] if "".join(c["source"]).startswith("#| export\ndef human_bytes"))
+    cell["source"] = "".join(cell["source"]).replace("Bytes for people", "Bytes for humans")
+    nb_path.write_text(json.dumps(nb, indent=1))
+    assert out_of_sync_modules(tmp_path / "edited", tmp_path / "scratch") == ["core.py"]
+
+
+def test_sync_gate_fails_on_a_hand_edited_module(repo_root, tmp_path):
+    _copy_repo(repo_root, tmp_path / "edited")
+    with open(tmp_path / "edited" / "course_lib" / "core.py", "a") as f:
+        f.write("\nHAND_EDIT = 1\n")
+    assert out_of_sync_modules(tmp_path / "edited", tmp_path / "scratch") == ["core.py"]
+
+
+def test_clean_gate_fails_on_execution_noise(repo_root, tmp_path):
+    _copy_repo(repo_root, tmp_path / "edited")
+    nb_path = tmp_path / "edited" / "nbs" / "00_core.ipynb"
+    nb = json.loads(nb_path.read_text())
+    code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    code["execution_count"] = 7
+    nb["metadata"]["widgets"] = {"state": {}}
+    nb_path.write_text(json.dumps(nb, indent=1))
+    assert unclean_notebooks(tmp_path / "edited", tmp_path / "scratch") == ["nbs/00_core.ipynb"]
+
+
+def test_readme_is_rendered_from_index(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    assert (repo_root / "README.md").read_text() == render_readme(), "run `camp readme` after editing nbs/index.ipynb"
+
+
+def test_ci_runs_the_readme_test_command(repo_root):
+    ci = [l for l in (repo_root / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    readme = (repo_root / "README.md").read_text()
+    commands = re.findall(r"```(?:bash|sh)\n(.*?)\n```", readme, re.S)
+    assert ci[-1].strip() in [c.strip() for c in commands], f"README has no command block `{ci[-1]}`"
+    assert len([c for c in commands if c.strip().startswith("make ")]) == 2, "README must give exactly two set-up commands"
