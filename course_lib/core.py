@@ -55,7 +55,7 @@ def get_device(prefer: str | None = None) -> torch.device:
         raise RuntimeError(f"device {choice!r} was asked for but MPS is not available; use 'cpu' or 'auto'")
     return device
 
-# %% ../nbs/00_core.ipynb #bf99f5bf
+# %% ../nbs/00_core.ipynb #dd00989c
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -73,7 +73,7 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     "Bytes per element: float32 -> 4, bfloat16 -> 2."
     return torch.empty((), dtype=dtype).element_size()
 
-# %% ../nbs/00_core.ipynb #01ccc2b1
+# %% ../nbs/00_core.ipynb #db64a784
 def human_bytes(n: float) -> str:
     "Bytes for people, powers of 1000: 999 -> '999 B', 1_500_000 -> '1.5 MB'."
     if n < 0: return "-" + human_bytes(-n)
@@ -92,7 +92,7 @@ def split_of(doc_id: str, val_fraction: float = 0.05) -> str:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     return "val" if stable_hash(doc_id) < val_fraction * 2**64 else "train"
 
-# %% ../nbs/00_core.ipynb #9bbf29f1
+# %% ../nbs/00_core.ipynb #406d1f7b
 def run_dir(name: str | None = None, root: str | Path = "runs") -> Path:
     "Create and return `root/name/` (name defaults to a timestamp) for a run's artifacts."
     name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -108,7 +108,7 @@ def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
 
-# %% ../nbs/00_core.ipynb #ac8bb9d8
+# %% ../nbs/00_core.ipynb #e970a528
 @dataclass(frozen=True)
 class Settings:
     "One hardware tier's knobs for the whole chain (see settings.ini)."
@@ -140,7 +140,7 @@ class Settings:
 class SettingsError(ValueError):
     "A settings file, tier or override that does not fit `Settings`."
 
-# %% ../nbs/00_core.ipynb #8ed554e7
+# %% ../nbs/00_core.ipynb #d21f7999
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 def _convert(key: str, raw: str, where: str) -> Any:
@@ -166,7 +166,7 @@ def find_settings_file(start: str | Path | None = None) -> Path | None:
         if (folder / "settings.ini").is_file(): return folder / "settings.ini"
     return None
 
-# %% ../nbs/00_core.ipynb #319bd1b1
+# %% ../nbs/00_core.ipynb #a3d63a4b
 def load_settings(tier: str | None = None, overrides: dict[str, str] | Iterable[str] = (),
                   path: str | Path | None = None) -> Settings:
     """The settings of `tier` (default: $CAMP_TIER, else the file's [course] tier) with `overrides`
@@ -196,7 +196,7 @@ def load_settings(tier: str | None = None, overrides: dict[str, str] | Iterable[
     values["tier"] = tier or Settings.tier
     return Settings(**values)
 
-# %% ../nbs/00_core.ipynb #697fc9af
+# %% ../nbs/00_core.ipynb #f92dec17
 def _stdlib_files() -> list[Path]:
     "The standard library's .py files in sorted order, without site-packages."
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -219,7 +219,7 @@ def _prose_docs() -> Iterator[dict]:
         yield {"id": f"pydoc/{name}", "text": text,
                "meta": {"source": topics.__file__, "kind": "prose", "bytes": len(text.encode("utf-8"))}}
 
-# %% ../nbs/00_core.ipynb #ddef58d6
+# %% ../nbs/00_core.ipynb #adcb0838
 def _interleave_by_bytes(streams: dict[str, Iterator[dict]]) -> Iterator[dict]:
     "Merge streams, always drawing from the one that has yielded the fewest bytes so far."
     served = {kind: 0 for kind in streams}
@@ -250,7 +250,7 @@ def limit_records(records: Iterable[dict], max_docs: int | None = None, max_byte
         n_docs += 1; n_bytes += size
         yield rec
 
-# %% ../nbs/00_core.ipynb #02a6ebb9
+# %% ../nbs/00_core.ipynb #e6b47cb9
 def _read_text_file(path: Path) -> Iterator[dict]:
     raw = path.read_bytes()
     yield {"id": path.as_posix(), "text": raw.decode("utf-8", errors="replace"),
@@ -285,7 +285,7 @@ READERS: dict[str, Callable[[Path], Iterator[dict]]] = {
     **{s: _read_text_file for s in (".txt", ".md", ".rst", ".py")},
     ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
-# %% ../nbs/00_core.ipynb #b0451d8b
+# %% ../nbs/00_core.ipynb #d130a932
 def read_corpus(source: str | Path | None = None, max_docs: int | None = None, max_bytes: int | None = None,
                 kinds: str | Iterable[str] = ("code", "prose")) -> Iterator[dict]:
     "Records from `source`: None/'embedded' for the embedded corpus, else a file or folder read by `READERS`."
@@ -298,7 +298,7 @@ def read_corpus(source: str | Path | None = None, max_docs: int | None = None, m
         raise ValueError(f"no reader for {root.suffix!r} files; known suffixes: {', '.join(sorted(READERS))}")
     yield from limit_records((rec for f in files for rec in READERS[f.suffix](f)), max_docs, max_bytes)
 
-# %% ../nbs/00_core.ipynb #e244e360
+# %% ../nbs/00_core.ipynb #3ec078a3
 @dataclass
 class RunContext:
     "What a stage gets: the run's folder and settings, and its own folder inside the run."
@@ -332,7 +332,7 @@ def demo(name: str):
         DEMOS[name] = fn; return fn
     return register
 
-# %% ../nbs/00_core.ipynb #1c98b135
+# %% ../nbs/00_core.ipynb #6bde082d
 def discover() -> dict[str, str]:
     "Import every course_lib module so its stages and demos register; returns {module: error} for those that failed to import."
     import course_lib
@@ -343,7 +343,7 @@ def discover() -> dict[str, str]:
         except Exception as e: failed[info.name] = f"{type(e).__name__}: {e}"  # a broken chapter must not hide the others
     return failed
 
-# %% ../nbs/00_core.ipynb #f588f1bf
+# %% ../nbs/00_core.ipynb #728abe99
 def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     "Write records one JSON object per line (atomically: a temp file renamed into place); returns the count."
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
@@ -372,7 +372,7 @@ def corpus_stage(ctx: RunContext) -> str:
     rows = "\n".join(f"| {k} | {d} | {human_bytes(b)} |" for k, (d, b) in sorted(by_kind.items()))
     return f"Source: `{s.corpus}`, {n} documents written to `corpus/docs.jsonl`.\n\n| kind | documents | bytes |\n|---|---|---|\n{rows}\n"
 
-# %% ../nbs/00_core.ipynb #c88f8d67
+# %% ../nbs/00_core.ipynb #4689df14
 @demo("corpus")
 def corpus_demo(max_docs: int = 400):
     "A Gradio app to browse the first `max_docs` documents of the embedded corpus."

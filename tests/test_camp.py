@@ -1,5 +1,6 @@
 """`camp` end to end: the whole chain at the ci tier, the doctor, settings errors, grading from the command line."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_doctor_reports_the_machine():
     for item in ("torch", "device", "triton interpreter", "free disk"):
         assert item in out.stdout
     assert "2.13.0" in out.stdout
+    assert re.search(r"triton interpreter.*│ yes", out.stdout), out.stdout
 
 
 def test_camp_grade_prints_a_table_and_writes_json(tmp_path):
