@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--check", action="store_true", help="fail if README.md differs instead of writing it")
     return p
 
-# %% ../nbs/10_camp.ipynb #659eb49d
+# %% ../nbs/10_camp.ipynb #bbd1a1a2
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `camp` command."
     args = _parser().parse_args(argv)
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             else: launch_demo(args.name, port=args.port, run=args.run)
         elif args.command == "grade":
             from course_lib.grading import Limits, format_grade, grade
+            print(f"[camp] grading {args.notebook}: running it in a sandbox, then the grading tests ...", flush=True)
             result = grade(args.notebook, args.homework, Limits(timeout_s=args.timeout, memory_mb=args.memory),
                            seed=args.seed, out=args.out)
             print(format_grade(result))

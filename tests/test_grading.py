@@ -77,3 +77,11 @@ def test_bad_input_is_a_clear_error(tmp_path):
     nbformat.write(nbformat.v4.new_notebook(), tmp_path / "orphan.ipynb")
     with pytest.raises(FileNotFoundError, match="no grading tests found"):
         grade(tmp_path / "orphan.ipynb")
+
+
+def test_a_graded_function_that_never_returns_fails_only_its_tests(tmp_path):
+    folder = _homework_copy(tmp_path, "def human_bytes(n):\n    while True:\n        pass", before=False)
+    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=240, test_timeout_s=2), out=tmp_path / "grade.json")
+    q1 = next(q for q in result["questions"] if q["question"].startswith("q1"))
+    assert q1["points"] == 0 and all("time limit of 2 s" in t["message"] for t in q1["tests"])
+    assert result["points"] == result["max_points"] - q1["max_points"]
