@@ -565,15 +565,17 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     "Share of equal positions in two MinHash signatures."
     return float(np.mean(sig_a == sig_b))
 
-# %% ../nbs/01_data.ipynb #87697ece
+# %% ../nbs/01_data.ipynb #b0ce9db3
 def _integrate(f, a: float, b: float, steps: int = 200) -> float:
     x = np.linspace(a, b, steps + 1)
     y = f(x)
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))
 
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+@functools.lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weight: float = 0.95) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising the weighted area of false positives
-    (similarity < threshold, yet a shared band) and false negatives (similarity >= threshold, no shared band)."""
+    (similarity < threshold, yet a shared band) and false negatives (similarity >= threshold, no shared band).
+    The weights lean to recall: a false candidate costs one signature comparison, a missed pair is lost."""
     best, best_cost = (1, num_perm), math.inf
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):

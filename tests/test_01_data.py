@@ -1,0 +1,304 @@
+"""Chapter 1 (data cleaning): MinHash/LSH against exact Jaccard, rules on hand-made documents with known
+answers, a PII table, the accounting invariant on random broken mixtures, readers, and the same kept set
+from our process pool, `datasets` and datatrove."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from course_lib.core import embedded_corpus
+from course_lib.data import (CleanConfig, Drop, MinHasher, apply_steps, check_accounts, clean_corpus, clean_with_datasets,
+                             clean_with_datatrove, content_hash, dedup_plan, estimate_jaccard, near_duplicate_clusters,
+                             quality_signals, quality_verdict, read_documents, redact, repetition_signals,
+                             repetition_verdict, shingles, write_shards)
+
+CFG = CleanConfig()
+
+
+# ---------------------------------------------------------------- MinHash and LSH
+def test_minhash_estimates_exact_jaccard_on_random_sets():
+    rng = np.random.default_rng(0)
+    hasher = MinHasher(num_perm=256, seed=1)
+    errors = []
+    for _ in range(60):
+        universe = rng.choice(2**32 - 1, size=3000, replace=False).astype(np.uint64)
+        n_a, n_b, shared = rng.integers(200, 1000), rng.integers(200, 1000), None
+        shared = int(rng.integers(0, min(n_a, n_b)))
+        a = universe[:n_a]
+        b = np.concatenate([universe[:shared], universe[n_a:n_a + n_b - shared]])
+        exact = len(set(a.tolist()) & set(b.tolist())) / len(set(a.tolist()) | set(b.tolist()))  # the reference
+        estimate = estimate_jaccard(hasher.signature(a), hasher.signature(b))
+        errors.append(abs(estimate - exact))
+        assert abs(estimate - exact) < 0.12, (exact, estimate)  # ~4 standard deviations at 256 permutations
+    assert np.mean(errors) < 0.03
+
+
+def _edit(words, n_edits, vocab, rng):
+    copy = list(words)
+    for _ in range(n_edits): copy[rng.randrange(len(copy))] = rng.choice(vocab)
+    return copy
+
+
+def _planted_corpus(seed: int = 0, n_base: int = 150, words: int = 200):
+    "Random word documents; some get lightly edited copies (true near-duplicates), some heavily edited ones (not)."
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(5000)]
+    docs = []
+    for _ in range(n_base):
+        base = [rng.choice(vocab) for _ in range(words)]
+        docs.append(base)
+        kind = rng.random()
+        if kind < 0.5:      # one or two light copies, 0-1 words changed each: Jaccard >= 0.90 with everything in the family
+            docs += [_edit(base, rng.randint(0, 1), vocab, rng) for _ in range(rng.randint(1, 2))]
+        elif kind < 0.75:   # a heavy copy, 20 words changed: Jaccard ~0.4, must not be matched
+            docs.append(_edit(base, 20, vocab, rng))
+    rng.shuffle(docs)
+    return [" ".join(d) for d in docs]
+
+
+def test_lsh_recall_and_precision_on_planted_near_duplicates():
+    texts = _planted_corpus()
+    sets = [set(shingles(t).tolist()) for t in texts]
+    threshold = CFG.dedup_threshold
+    truth = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+             if len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold}   # exact Jaccard, all pairs
+    assert len(truth) > 50
+    hasher = MinHasher(CFG.num_perm, CFG.seed)
+    sigs = np.stack([hasher.signature(np.array(sorted(s), dtype=np.uint64)) for s in sets])
+    _, verified = near_duplicate_clusters(sigs, threshold)
+    found = {(i, j) for i, j, _ in verified}
+    recall = len(found & truth) / len(truth)
+    precision = len(found & truth) / max(len(found), 1)
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+
+
+def test_cjk_near_duplicates_are_found():
+    rng = random.Random(3)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    bases = ["".join(rng.choice(chars) for _ in range(300)) for _ in range(20)]
+    edited = []
+    for base in bases[:10]:
+        text = list(base)
+        for _ in range(3): text[rng.randrange(len(text))] = rng.choice(chars)
+        edited.append("".join(text))
+    texts = bases + edited
+    hasher = MinHasher(CFG.num_perm, CFG.seed)
+    sigs = np.stack([hasher.text_signature(t) for t in texts])
+    plan = dedup_plan([content_hash(t) for t in texts], sigs, CFG)
+    assert {i: keeper for i, (_, _, keeper) in plan.items()} == {20 + k: k for k in range(10)}
+    # without character shingles a CJK text is one 'word': every edit would make a completely new set
+    assert len(shingles(bases[0])) == 298 and len(shingles(bases[0], chars=3, cjk_fraction=1.1)) == 1
+
+
+# ---------------------------------------------------------------- quality and repetition rules
+GOOD = ("The river runs through the old town, and the stone bridge that crosses it is one of the oldest in the country. "
+        "Visitors come to see it in the spring, when the water is high and the trees along the banks are green. "
+        "Local guides explain how the bridge was built by hand over many years with stone from a nearby hill. "
+        "In the evening the lights of the cafes reflect on the water and the streets fill with people. "
+        "Most travellers stay for two or three days before they continue their journey to the coast.")
+
+
+@pytest.mark.parametrize("text, reason", [
+    (GOOD, None),
+    ("word " * 10, "too_few_words"),
+    ("- the item is here with more\n" * 30, "bullet_lines"),
+    ("the cat and the dog sat... " * 20, "ellipsis_ratio"),
+    ("#the #and #cat #dog #sat #mat " * 20, "hash_ratio"),
+    ("supercalifragilisticexpialidocious antidisestablishmentarianism the and " * 15, "mean_word_length"),
+    ("the and 1234 5678 9012 3456 7890 1122 3344 5566 7788 9900 " * 6, "alpha_words"),
+    ("apples oranges bananas cherries plums grapes melons " * 10, "stop_words"),
+])
+def test_gopher_quality_rules_known_answers(text, reason):
+    verdict = quality_verdict(quality_signals(text), CFG)
+    assert (verdict.reason if verdict else None) == reason
+
+
+def test_quality_signals_hand_counted():
+    s = quality_signals("The cat, the dog... and #tags!\n- a bullet line\nend...")
+    # tokens: The cat, the dog... and #tags! - a bullet line end...  -> 11 tokens, '-' is a symbol, not a word
+    assert s["words"] == 10
+    assert s["stop_words"] == 2                     # 'the', 'and'
+    assert s["ellipsis_ratio"] == pytest.approx(2 / 10)
+    assert s["bullet_lines"] == pytest.approx(1 / 3) and s["ellipsis_lines"] == pytest.approx(1 / 3)  # only "end..."
+
+
+def test_repetition_rules_known_answers():
+    r = repetition_signals("alpha beta\ngamma delta\nalpha beta\nalpha beta")
+    assert r["dup_line_fraction"] == pytest.approx(2 / 4)
+    assert r["dup_line_chars"] == pytest.approx(20 / 41)   # lines of 10, 11, 10, 10 characters
+    # words: a b c d e a b c d e f -> the second 'a b c d e' repeats the first: 5 of 6 distinct-char words covered
+    r = repetition_signals("a b c d e a b c d e f")
+    assert r["dup_5_gram_chars"] == pytest.approx(5 / 11)
+    assert repetition_verdict(repetition_signals(GOOD), CFG) is None
+    assert repetition_verdict(repetition_signals(GOOD + "\n\n" + GOOD), CFG).reason == "dup_line_fraction"  # 1 of 2 lines > 0.3, the first rule checked
+    unique = " ".join(f"word{i}" for i in range(300))
+    assert repetition_verdict(repetition_signals(unique), CFG) is None
+
+
+# ---------------------------------------------------------------- PII
+PII_TABLE = [
+    ("write to jane.doe@example.com today", "write to <EMAIL> today"),
+    ("<guido@python.org>", "<<EMAIL>>"),
+    ("first.last+tag@sub.example.co.uk", "<EMAIL>"),
+    ("host 8.8.8.8 answers", "host <IPV4> answers"),
+    ("ping 10.0.0.255.", "ping <IPV4>."),
+    ("::ffff:192.0.2.128 and 2001:db8:85a3::8a2e:370:7334", "<IPV6> and <IPV6>"),
+    ("fe80::1ff:fe23:4567:890a", "<IPV6>"),
+    ("call (555) 123-4567", "call <PHONE>"),
+    ("ring +44 20 7946 0958 now", "ring <PHONE> now"),
+    ("AKIAIOSFODNN7EXAMPLE", "<SECRET>"),
+    ("sk-" + "Ab3dE" * 8, "<SECRET>"),
+    ('api_key = "9fQ2xZ7pLk3VbN8wR4tY"', 'api_key = "<SECRET>"'),
+    # look-alikes that are not PII: unchanged
+    ("release 1.2.3.4.5", None), ("octet 300.1.1.1", None), ("v1.2.3.4", None), ("a 1.2.3 version", None),
+    ("@dataclass", None), ("x = a@b.T", None), ("root@localhost", None), ("name@123.456", None),
+    ("a[1::2] b[::3]", None), ("at 12:30:45", None), ("dead:beef", None),
+    ("2024-01-15", None), ("pi is 3.14159265358", None), ("ISBN 978-0-306-40615-7", None),
+    ('password = "password"', None), ("use sk-learn", None), ('token = "short"', None),
+]
+
+
+@pytest.mark.parametrize("text, expected", PII_TABLE)
+def test_pii_table(text, expected):
+    assert redact(text)[0] == (text if expected is None else expected)
+
+
+# ---------------------------------------------------------------- accounting on random broken mixtures
+def _good(i):
+    return {"id": f"good-{i}", "text": GOOD.replace("river", f"river{i}"), "meta": {"kind": "prose", "bytes": 0}}
+
+
+BROKEN = {
+    "empty": lambda i: {"id": f"empty-{i}", "text": "", "meta": {"kind": "prose", "bytes": 0}},
+    "binary": lambda i: {"id": f"binary-{i}", "text": "\x00\x01\x02" * 50, "meta": {"kind": "code", "bytes": 150}},
+    "error": lambda i: {"id": f"error-{i}", "text": "", "meta": {"kind": "prose", "bytes": 9, "error": "pdf_error: X"}},
+    "not_text": lambda i: {"id": f"nottext-{i}", "text": None, "meta": {"kind": "prose", "bytes": 0}},
+    "spam": lambda i: {"id": f"spam-{i}", "text": "buy now cheap " * 100, "meta": {"kind": "prose", "bytes": 0}},
+    "surrogate": lambda i: {"id": f"surrogate-{i}", "text": GOOD + "\ud800 tail.", "meta": {"kind": "prose", "bytes": 0}},
+    "dup": lambda i: {"id": f"dup-{i}", "text": _good(0)["text"], "meta": {"kind": "prose", "bytes": 0}},
+    "code": lambda i: {"id": f"code-{i}", "text": f"def f{i}(x):\n    return x + {i}\n", "meta": {"kind": "code", "bytes": 0}},
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(["good"] + list(BROKEN)), min_size=1, max_size=40), shard_docs=st.integers(1, 9))
+def test_accounting_invariant_on_random_mixtures(tmp_path_factory, kinds, shard_docs):
+    records = [_good(0)] + [_good(i) if k == "good" else BROKEN[k](i) for i, k in enumerate(kinds, 1)]  # good-0 first: 'dup' copies it
+    out = tmp_path_factory.mktemp("run")
+    stats = clean_corpus(records, out, CleanConfig(shard_docs=shard_docs))
+    kept = [json.loads(line)["id"] for p in sorted((out / "shards").glob("*.jsonl")) for line in p.open()]
+    dropped = [json.loads(line) for line in (out / "dropped.jsonl").open()]
+    assert sorted(kept + [d["id"] for d in dropped]) == sorted(r["id"] for r in records)  # each input exactly once
+    assert stats["kept"]["docs"] == len(kept) and stats["dropped"]["docs"] == len(dropped) == len(records) - len(kept)
+    assert all(d["step"] and d["reason"] for d in dropped)
+    check_accounts(stats)
+    assert not any(r.startswith(("empty", "binary", "error", "nottext", "spam", "dup")) for r in kept)
+
+
+def test_accounting_check_catches_a_lost_document():
+    stats = {"input": {"docs": 3, "bytes": 3}, "steps": {"readable": {"docs_in": 3, "bytes_in": 3, "docs_out": 2, "bytes_out": 2, "dropped": {}}},
+             "kept": {"docs": 2, "bytes": 2}, "dropped": {"docs": 0, "bytes": 0}}
+    with pytest.raises(RuntimeError, match="accounting broken"):
+        check_accounts(stats)
+
+
+def test_step_that_raises_drops_the_document_not_the_run():
+    cfg = CleanConfig()
+    out, step, drop = apply_steps({"id": "x", "text": 42, "meta": {"kind": "prose"}}, cfg)
+    assert out is None and step == "readable" and drop.reason == "not_text"
+
+
+# ---------------------------------------------------------------- readers
+def test_html_main_text_extraction(tmp_path):
+    body = " ".join(["The lambda expression creates an anonymous function from its parameters and an expression."] * 4)
+    (tmp_path / "page.html").write_text(f"""<html><body><nav><ul><li><a href="/">Home</a></li><li><a href="/x">Shop now</a></li></ul></nav>
+        <main><h1>Lambdas</h1><p>{body}</p><p>Lambda forms cannot contain statements or annotations, only one expression.</p></main>
+        <footer><p>Copyright 2026 Example Corp. All rights reserved. Privacy policy.</p></footer></body></html>""")
+    (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 not really a pdf")
+    recs = {Path(r["id"]).name: r for r in read_documents(tmp_path)}
+    text = recs["page.html"]["text"]
+    assert "anonymous function" in text and "only one expression" in text
+    assert "Shop now" not in text and "All rights reserved" not in text
+    assert recs["bad.pdf"]["meta"]["error"].startswith("pdf_error")
+
+
+def test_pdf_text_layer(tmp_path):
+    from pypdf import PdfWriter
+    writer = PdfWriter(); writer.add_blank_page(200, 200)
+    with open(tmp_path / "blank.pdf", "wb") as f: writer.write(f)
+    rec = next(read_documents(tmp_path / "blank.pdf"))
+    assert rec["text"] == "" and rec["meta"]["pages"] == 1   # a scanned/blank page has no text layer
+    assert apply_steps(rec, CFG)[2].reason == "empty"
+
+
+def test_100mb_single_line_file_is_dropped_not_crashing(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        for _ in range(100): f.write(b"a" * 1_000_000)
+    (tmp_path / "bad-bytes.txt").write_bytes(b"caf\xe9 cr\xe8me " * 5 + b"fine text " * 200)
+    stats = clean_corpus(read_documents(tmp_path), tmp_path / "out")
+    reasons = {json.loads(l)["id"].split("/")[-1]: json.loads(l)["reason"] for l in (tmp_path / "out" / "dropped.jsonl").open()}
+    assert reasons["big.txt"] == "too_long"
+    assert stats["input"]["docs"] == 2 and stats["input"]["bytes"] > 100_000_000
+
+
+def test_parquet_shards_round_trip(tmp_path):
+    docs = list(embedded_corpus(max_docs=12))
+    paths = write_shards(docs, tmp_path, fmt="parquet", max_docs=5)
+    assert [r["text"] for r in read_documents(tmp_path)] == [d["text"] for d in docs] and len(paths) == 3
+
+
+# ---------------------------------------------------------------- parallel, resumable, and other engines
+@pytest.fixture(scope="module")
+def sample_corpus():
+    docs = list(embedded_corpus(max_bytes=250_000))
+    docs.append({"id": "copy-of-1", "text": docs[1]["text"], "meta": docs[1]["meta"]})
+    big = max(range(len(docs)), key=lambda i: len(docs[i]["text"]) if docs[i]["meta"]["kind"] == "code" else 0)
+    docs.append({"id": "edited-big", "text": docs[big]["text"] + "\n# one more comment line at the end of the file\n", "meta": docs[big]["meta"]})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def ours(sample_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ours")
+    stats = clean_corpus(sample_corpus, out, CleanConfig(shard_docs=16), workers=1)
+    kept = [json.loads(line) for p in sorted((out / "shards").glob("*.jsonl")) for line in p.open()]
+    return stats, kept
+
+
+def test_two_processes_give_the_same_kept_set(sample_corpus, ours, tmp_path):
+    stats = clean_corpus(sample_corpus, tmp_path, CleanConfig(shard_docs=16), workers=2)
+    kept = [json.loads(line) for p in sorted((tmp_path / "shards").glob("*.jsonl")) for line in p.open()]
+    assert [(r["id"], r["text"]) for r in kept] == [(r["id"], r["text"]) for r in ours[1]]
+    assert stats["steps"] == ours[0]["steps"]
+    dropped = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "dropped.jsonl").open()}
+    assert dropped["copy-of-1"] == "duplicate" and dropped["edited-big"] == "near_duplicate"
+
+
+def test_resume_skips_finished_shards(sample_corpus, ours, tmp_path):
+    cfg = CleanConfig(shard_docs=16)
+    clean_corpus(sample_corpus, tmp_path, cfg, keep_work=True)
+    (tmp_path / "work" / "part-00001.done.json").unlink()
+    stats = clean_corpus(sample_corpus, tmp_path, cfg)
+    n_shards = -(-len(sample_corpus) // 16)
+    assert stats["resumed_shards"] == n_shards - 1 and stats["kept"] == ours[0]["kept"]
+
+
+def test_datasets_engine_agrees(sample_corpus, ours):
+    kept, dropped = clean_with_datasets(sample_corpus, CleanConfig(), num_proc=2)
+    assert list(kept["id"]) == [r["id"] for r in ours[1]] and list(kept["text"]) == [r["text"] for r in ours[1]]
+    assert len(kept) + len(dropped) == len(sample_corpus)
+
+
+@pytest.mark.slow
+def test_datatrove_local_executor_agrees(sample_corpus, ours, tmp_path):
+    half = len(sample_corpus) // 2   # two input files -> two datatrove tasks in two worker processes
+    write_shards(sample_corpus[:half], tmp_path / "in", max_docs=half, prefix="a")
+    write_shards(sample_corpus[half:], tmp_path / "in", max_docs=len(sample_corpus), prefix="b")
+    kept = clean_with_datatrove(tmp_path / "in", tmp_path / "dt", CleanConfig(), tasks=2, workers=2)
+    assert [(r["id"], r["text"]) for r in kept] == [(r["id"], r["text"]) for r in ours[1]]
+    stats = json.loads((tmp_path / "dt" / "logs" / "dedup" / "stats.json").read_text())
+    assert stats  # datatrove wrote its own stats for the dedup stage
