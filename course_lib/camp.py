@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--check", action="store_true", help="fail if README.md differs instead of writing it")
     return p
 
-# %% ../nbs/10_camp.ipynb #bbd1a1a2
+# %% ../nbs/10_camp.ipynb #3f416166
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `camp` command."
     args = _parser().parse_args(argv)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":
-            print(_table(f"settings", [(k, str(v)) for k, v in vars(load_settings(args.tier, args.overrides)).items()]))
+            print(_table("settings", [(k, str(v)) for k, v in vars(load_settings(args.tier, args.overrides)).items()]))
         elif args.command == "readme":
             text = render_readme()
             if args.check:

@@ -8,7 +8,7 @@ __all__ = ['DTYPES', 'READERS', 'STAGES', 'DEMOS', 'set_seed', 'get_device', 're
            'load_settings', 'embedded_corpus', 'limit_records', 'read_corpus', 'RunContext', 'Stage', 'stage', 'demo',
            'discover', 'write_jsonl', 'corpus_stage', 'corpus_demo']
 
-# %% ../nbs/00_core.ipynb #04b365c8
+# %% ../nbs/00_core.ipynb #80bef1ae
 import configparser
 import dataclasses
 import difflib
@@ -18,7 +18,6 @@ import json
 import os
 import pkgutil
 import random
-import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field

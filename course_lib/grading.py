@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['Limits', 'GradingTimeout', 'find_homework', 'grade', 'format_grade']
 
-# %% ../nbs/11_grading.ipynb #25334635
+# %% ../nbs/11_grading.ipynb #e7b0d401
 import io
 import json
 import os
@@ -16,11 +16,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import nbformat
 import numpy as np
