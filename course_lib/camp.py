@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--check", action="store_true", help="fail if README.md differs instead of writing it")
     return p
 
-# %% ../nbs/10_camp.ipynb #3f416166
+# %% ../nbs/10_camp.ipynb #c038dbc1
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `camp` command."
     args = _parser().parse_args(argv)
@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             else: Path("README.md").write_text(text)
     except (SettingsError, FileNotFoundError, ValueError) as e:
         print(f"camp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"camp {args.command}: error: {e}. Install the optional extras with `pip install -e '.[all]'` "
+              "(or `make test`, which installs everything)", file=sys.stderr)
         return 2
     except RuntimeError as e:
         print(f"camp {args.command}: {e}", file=sys.stderr)
