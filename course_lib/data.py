@@ -411,9 +411,10 @@ def c4_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if verdict: return verdict
     return _with_text(doc, "\n\n".join(kept)) if removed else doc
 
-# %% ../nbs/01_data.ipynb #4beca8e8
+# %% ../nbs/01_data.ipynb #b67bc873
 _GENERATED = re.compile(r"auto-?generated|automatically generated|generated (?:by|from|with)|do not edit|don't edit", re.I)
 _BLOB = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+_ALNUM_RUNS = re.compile(r"[^\W_]+")  # runs of letters and digits: one match per run, not per character
 
 def code_signals(text: str, marker_lines: int = 5) -> dict[str, float]:
     "Signals of non-human-written source: longest and mean line, letters+digits share, share in base64/hex blobs, 'generated' marker."
@@ -421,7 +422,7 @@ def code_signals(text: str, marker_lines: int = 5) -> dict[str, float]:
     lengths = [len(line) for line in lines]
     blob_chars = sum(len(m) for m in _BLOB.findall(text) if not m.isalpha())  # long identifiers are not blobs
     return {"max_line_length": max(lengths), "mean_line_length": sum(lengths) / len(lines),
-            "alnum_fraction": sum(c.isalnum() for c in text) / max(len(text), 1),
+            "alnum_fraction": sum(map(len, _ALNUM_RUNS.findall(text))) / max(len(text), 1),
             "blob_fraction": blob_chars / max(len(text), 1),
             "generated": bool(_GENERATED.search("\n".join(lines[:marker_lines])))}
 
@@ -759,7 +760,7 @@ def check_accounts(stats: dict) -> None:
     if stats["kept"]["docs"] + stats["dropped"]["docs"] != n_in or stats["kept"]["docs"] != previous:
         raise RuntimeError(f"accounting broken: kept {stats['kept']['docs']} + dropped {stats['dropped']['docs']} != input {n_in}")
 
-# %% ../nbs/01_data.ipynb #3b50c9e0
+# %% ../nbs/01_data.ipynb #d987e27d
 def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig | None = None, workers: int = 1,
                  resume: bool = True, fmt: str = "jsonl", keep_work: bool = False) -> dict:
     """Clean a stream of records into `out_dir/shards/shard-*.{jsonl,parquet}`, `out_dir/dropped.jsonl` and
@@ -782,6 +783,7 @@ def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig 
             if _part(work, index, ".done.json").exists(): skipped += 1; continue
             _map_shard(index, batch, cfg, work)
     else:
+        if "language" in cfg.steps: _language_identifier()  # load langid's model once; forked workers inherit it
         with ProcessPoolExecutor(workers) as pool:
             pending = set()
             for index, batch in enumerate(progress(shards, desc="clean", unit="shard")):
