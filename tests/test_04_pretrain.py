@@ -1,0 +1,241 @@
+"""Chapter 4: each from-scratch piece against PyTorch's own, exact resume (also after SIGKILL), and
+2-process DDP / FSDP / ZeRO-2 against single-process training on the same global batch."""
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from course_lib.model import from_hf
+from course_lib.pretrain import (AdamW, CosineSchedule, TrainConfig, clip_grad_norm, cross_entropy, eval_batches,
+                                 get_batch, load_tokens, param_groups, read_log, train, write_token_files)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Path:
+    "Token files with some structure to learn (a repeating pattern plus noise), ids < 256."
+    rng = np.random.default_rng(0)
+    def text(n):
+        base = np.tile(np.arange(40, 104), n // 64 + 1)[:n]
+        noise = rng.random(n) < 0.2
+        return np.where(noise, rng.integers(0, 256, n), base)
+    return write_token_files({"train": text(30_000), "val": text(4_000)}, tmp_path / "tokens", vocab_size=256, eos_id=255)
+
+
+TINY = TrainConfig(preset="cpu-1m", steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=4,
+                   eval_batches=2, sample_tokens=4, ckpt_every=2, device="cpu", seed=7)
+
+
+def losses(out: Path) -> list[float]:
+    return [v for _, v in read_log(out / "log.jsonl")["loss"]]
+
+
+# --- the from-scratch pieces vs PyTorch -------------------------------------------------------
+
+def test_cross_entropy_matches_torch_values_and_gradients():
+    torch.manual_seed(0)
+    z = (torch.randn(3, 11, 300) * 20).requires_grad_()                  # large logits: naive exp would overflow
+    t = torch.randint(0, 300, (3, 11)); t[1, 2:6] = -100
+    ours, ref = cross_entropy(z, t), F.cross_entropy(z.flatten(0, 1), t.flatten())
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, z)[0], torch.autograd.grad(ref, z)[0])
+    assert cross_entropy(torch.tensor([[1e4, 0.0]]), torch.tensor([1])).item() == pytest.approx(1e4)
+
+
+@pytest.mark.parametrize("wd,betas", [(0.0, (0.9, 0.999)), (0.1, (0.9, 0.95)), (0.5, (0.8, 0.9))])
+def test_adamw_equals_torch_step_for_step(wd, betas):
+    torch.manual_seed(1)
+    a = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    b = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)); b.load_state_dict(a.state_dict())
+    opt_a = AdamW(param_groups(a, wd), lr=3e-2, betas=betas, eps=1e-8)
+    opt_b = torch.optim.AdamW(param_groups(b, wd), lr=3e-2, betas=betas, eps=1e-8, foreach=False)
+    for step in range(30):
+        for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups):
+            group_a["lr"] = group_b["lr"] = 3e-2 * (1 - step / 40)           # a changing rate, as the schedule does
+        x = torch.randn(8, 6)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, atol=1e-7, rtol=1e-6)
+    # the state round-trips through state_dict
+    fresh = AdamW(param_groups(a, wd), lr=1.0); fresh.load_state_dict(opt_a.state_dict())
+    assert fresh.state_dict()["state"][0]["step"] == 30
+    with pytest.raises(ValueError, match="invalid AdamW"):
+        AdamW(a.parameters(), betas=(1.0, 0.9))
+
+
+def test_cosine_schedule_matches_torch_schedulers():
+    sched = CosineSchedule(6e-4, warmup_steps=25, total_steps=300, min_lr_ratio=0.05)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=6e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 25, end_factor=1.0, total_iters=24),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=275, eta_min=6e-4 * 0.05)], milestones=[25])
+        lrs = []
+        for _ in range(300):
+            lrs.append(opt.param_groups[0]["lr"]); opt.step(); ref.step()
+    np.testing.assert_allclose([sched(s) for s in range(300)], lrs, rtol=1e-9, atol=1e-12)
+    assert sched(10_000) == pytest.approx(6e-4 * 0.05)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        CosineSchedule(1e-3, warmup_steps=10, total_steps=5)
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1.0, 1e6])
+def test_clipping_matches_torch(max_norm):
+    torch.manual_seed(2)
+    shapes = [(4, 5), (5,), (3, 3, 2)]
+    a = [torch.zeros(s, requires_grad=True) for s in shapes]
+    b = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn(pa.shape); pb.grad = pa.grad.clone()
+    torch.testing.assert_close(clip_grad_norm(a, max_norm), torch.nn.utils.clip_grad_norm_(b, max_norm))
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_batches_and_bad_token_files(tokens, tmp_path):
+    data = load_tokens(tokens)
+    x, y = get_batch(data.train, 3, 16, np.random.default_rng(0))
+    assert x.dtype == torch.int64 and x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    starts = np.random.default_rng(0).integers(0, len(data.train) - 16, size=3)
+    assert x[1].tolist() == data.train[starts[1]:starts[1] + 16].tolist()
+    windows = [xb for xb, _ in eval_batches(data.val, 4, 50)]
+    assert sum(len(w) for w in windows) == (len(data.val) - 1) // 50
+    assert windows[0][1, 0].item() == data.val[50]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        get_batch(data.train[:10], 2, 16, np.random.default_rng(0))
+    with pytest.raises(FileNotFoundError, match="tokenizer stage"):
+        load_tokens(tmp_path / "missing")
+    small = write_token_files({"train": np.arange(20), "val": np.arange(20)}, tmp_path / "small", 256, 0)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train(dataclasses.replace(TINY, seq_len=64), small, tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        TrainConfig(strategy="horovod")
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def test_training_learns_and_our_pieces_equal_torchs_in_the_loop(tokens, tmp_path):
+    cfg = dataclasses.replace(TINY, steps=12, eval_every=6)
+    summary = train(cfg, tokens, tmp_path / "ours")
+    ref = train(dataclasses.replace(cfg, impl="torch"), tokens, tmp_path / "torch")
+    np.testing.assert_allclose(losses(tmp_path / "ours"), losses(tmp_path / "torch"), rtol=2e-5)
+    assert losses(tmp_path / "ours")[0] == pytest.approx(math.log(256), abs=0.3)
+    assert summary["val_loss"] < losses(tmp_path / "ours")[0] - 0.5
+    for f in ("log.jsonl", "loss.png", "checkpoints/last.pt", "model/model.safetensors", "model/config.json"):
+        assert (tmp_path / "ours" / f).is_file(), f
+    assert read_log(tmp_path / "ours" / "log.jsonl")["sample"]
+    assert ref["final_loss"] == pytest.approx(summary["final_loss"], rel=2e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch(tokens, tmp_path):
+    # two micro-batches of 4 draw the same 8 windows as one batch of 8 (one generator, consumed in order),
+    # so accumulation must reproduce the big batch's losses and weights
+    train(dataclasses.replace(TINY, steps=4, batch_size=8, eval_every=0), tokens, tmp_path / "big")
+    train(dataclasses.replace(TINY, steps=4, batch_size=4, grad_accum=2, eval_every=0), tokens, tmp_path / "acc")
+    np.testing.assert_allclose(losses(tmp_path / "acc"), losses(tmp_path / "big"), rtol=1e-5)
+    a, b = from_hf(tmp_path / "big" / "model"), from_hf(tmp_path / "acc" / "model")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_and_bf16(tokens, tmp_path):
+    plain = train(dataclasses.replace(TINY, steps=3, eval_every=0), tokens, tmp_path / "plain")
+    ckpt = train(dataclasses.replace(TINY, steps=3, eval_every=0, activation_checkpointing=True), tokens, tmp_path / "ac")
+    np.testing.assert_allclose(losses(tmp_path / "ac"), losses(tmp_path / "plain"), rtol=1e-5)
+    train(dataclasses.replace(TINY, steps=3, eval_every=0, dtype="bfloat16"), tokens, tmp_path / "bf16")
+    np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "plain"), rtol=0.02)   # bf16: ~3 digits
+
+
+def test_resume_is_exact(tokens, tmp_path):
+    train(TINY, tokens, tmp_path / "straight")
+    train(TINY, tokens, tmp_path / "resumed", stop_at=5)
+    assert len(losses(tmp_path / "resumed")) == 5
+    train(TINY, tokens, tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a, b = from_hf(tmp_path / "straight" / "model"), from_hf(tmp_path / "resumed" / "model")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    # a checkpoint for a different model is refused, naming the mismatch
+    with pytest.raises(ValueError, match="was made for model config"):
+        train(dataclasses.replace(TINY, preset="gpu-25m"), tokens, tmp_path / "resumed")
+
+
+KILLED_CHILD = """
+import os, signal, sys, dataclasses
+from course_lib.pretrain import TrainConfig, train
+cfg = TrainConfig(**{cfg})
+def hook(step, micro):
+    if step == 5 and micro == 1:                       # mid-step: one of two micro-batches accumulated
+        os.kill(os.getpid(), signal.SIGKILL)
+train(cfg, sys.argv[1], sys.argv[2], on_micro_step=hook)
+"""
+
+
+def test_resume_after_sigkill_mid_step(tokens, tmp_path):
+    cfg = dataclasses.replace(TINY, grad_accum=2, steps=9, ckpt_every=2, eval_every=3)
+    straight = train(cfg, tokens, tmp_path / "straight")
+    child = KILLED_CHILD.replace("{cfg}", repr(dataclasses.asdict(cfg)))
+    proc = subprocess.run([sys.executable, "-c", child, str(tokens), str(tmp_path / "killed")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"CAMP_PROGRESS": "0"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4                                              # the last checkpoint before the kill
+    assert len(losses(tmp_path / "killed")) == 5                          # step 6 never finished
+    resumed = train(cfg, tokens, tmp_path / "killed")
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert resumed["val_loss"] == straight["val_loss"]
+    assert [s for s, _ in read_log(tmp_path / "killed" / "log.jsonl")["val_loss"]] == [3, 6, 9]
+
+
+# --- several processes --------------------------------------------------------------------------
+
+def _torchrun(strategy: str, tokens: Path, out: Path, cfg: TrainConfig, port: int) -> subprocess.CompletedProcess:
+    args = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in ("strategy",)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "course_lib.pretrain", f"data={tokens}", f"out={out}", f"strategy={strategy}", *args]
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CAMP_PROGRESS": "0"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_two_processes_match_single_process(strategy, tokens, tmp_path):
+    cfg = dataclasses.replace(TINY, steps=4, batch_size=2, eval_every=0, ckpt_every=0, grad_accum=1)
+    single = dataclasses.replace(cfg, batch_size=4)                        # the same global batch in one process
+    torch.set_num_threads(1)
+    try:
+        train(single, tokens, tmp_path / "single")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    port = 29600 + ["ddp", "fsdp", "zero2"].index(strategy) + (os.getpid() % 50) * 3
+    proc = _torchrun(strategy, tokens, tmp_path / strategy, cfg, port)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / strategy / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]                          # every rank logs the same all-reduced loss
+    if ranks[0]["local_param_abs_sum"] is not None:                          # replicas (DDP, ZeRO-1/2) hold equal weights
+        assert ranks[0]["local_param_abs_sum"] == pytest.approx(ranks[1]["local_param_abs_sum"], rel=1e-12)
+    np.testing.assert_allclose(ranks[0]["losses"], losses(tmp_path / "single"), rtol=1e-5)
+    a, b = from_hf(tmp_path / "single" / "model"), from_hf(tmp_path / strategy / "model")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        # Adam divides by sqrt(v): where a gradient is ~0, float rounding (summation order across ranks) can move
+        # a weight by a visible fraction of one step (lr = 3e-3), so bound the worst element loosely, the mean tightly
+        diff = (pa - pb).abs()
+        assert diff.max().item() < 1e-4 and diff.mean().item() < 1e-7, (name, diff.max().item(), diff.mean().item())
