@@ -55,7 +55,7 @@ def pretokenize(text: str, pattern: str = "gpt2", special_tokens: Iterable[str] 
     pieces = splitter.split(text)[::2] if splitter else [text]
     return [p for piece in pieces for p in compiled.findall(piece)]
 
-# %% ../nbs/02_tokenizer.ipynb #94920fdf
+# %% ../nbs/02_tokenizer.ipynb #08dc036f
 def _count_texts(texts: Iterable[str], pattern: str, special_tokens: tuple[str, ...]) -> Counter:
     "Pre-token counts over `texts`: split on specials (dropped), then regex.findall; one Counter for all."
     compiled = regex.compile(resolve_pattern(pattern))
@@ -83,11 +83,12 @@ def _count_batch(args) -> Counter:
 
 def chunk_boundaries(path: str | Path, n_chunks: int, split_token: bytes | None) -> list[int]:
     """Byte offsets cutting the file at `path` into about `n_chunks` pieces, each cut moved forward to the
-    next `split_token` (a special token) -- or, with none, to the next newline followed by a non-space
-    byte, which no pre-token crosses in either pattern."""
+    next `split_token` (a special token) -- or, with none, to the next space or tab that follows a printable
+    ASCII character: no pre-token of either pattern crosses there, and the text on the left pre-tokenises
+    the same alone as in context (see `Tokenizer._safe_cut`)."""
     size = os.path.getsize(path)
     cuts = [size * i // n_chunks for i in range(n_chunks)] + [size]
-    finder = regex.compile(regex.escape(split_token) if split_token else rb"(?<=\n)[^\s]")
+    finder = regex.compile(regex.escape(split_token) if split_token else rb"(?<=[!-~])[ \t]")
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
             f.seek(cuts[i]); pos = cuts[i]
@@ -111,7 +112,7 @@ def count_pretokens(source: str | Path | Iterable[str], pattern: str = "gpt2", s
         path = Path(source)
         if not path.is_file(): raise FileNotFoundError(f"training file {str(path)!r} does not exist")
         split_token = specials[0].encode() if specials else None
-        cuts = chunk_boundaries(path, processes * 4 if path.stat().st_size > 4_000_000 else 1, split_token)
+        cuts = chunk_boundaries(path, max(1, min(processes * 4, path.stat().st_size // 1_000_000)), split_token)
         jobs = [(str(path), a, b, pattern, specials) for a, b in zip(cuts, cuts[1:])]
         worker = _count_file_range
     else:

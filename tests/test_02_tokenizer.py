@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from course_lib.core import embedded_corpus
-from course_lib.tokenizer import (DEFAULT_SPECIALS, EOT, GPT4_PATTERN, Tokenizer, _from_unicode, apply_chat_template,
+from course_lib.tokenizer import (DEFAULT_SPECIALS, _count_file_range, chunk_boundaries, EOT, GPT4_PATTERN, Tokenizer, _from_unicode, apply_chat_template,
                                   count_pretokens, load_tokenizer, save_hf, save_tokenizer, to_transformers, train_bpe,
                                   train_bpe_naive, truncate)
 
@@ -103,6 +103,22 @@ def test_fast_trainer_equals_naive_and_file_input_equals_texts(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(EOT.join(texts), encoding="utf-8")
     assert train_bpe(path, 600, [EOT], processes=2) == fast
+
+
+def test_file_cut_without_special_tokens_counts_exactly(tmp_path):
+    "With no special token to cut at, file chunks end at a space after a printable character; counts are exact."
+    text = "".join(d["text"] for d in embedded_corpus(max_bytes=2_500_000))
+    path = tmp_path / "plain.txt"
+    path.write_text(text, encoding="utf-8")
+    cuts = chunk_boundaries(path, 60, None)
+    assert len(cuts) > 50
+    for pattern in ("gpt2", "gpt4"):
+        whole = count_pretokens([text], pattern, [], processes=1)
+        assert count_pretokens(path, pattern, [], processes=2) == whole
+        pieces = Counter()
+        for a, b in zip(cuts, cuts[1:]):
+            pieces.update(_count_file_range((str(path), a, b, pattern, ())))
+        assert pieces == whole
 
 
 @pytest.fixture(scope="module")
