@@ -198,6 +198,13 @@ def test_accounting_invariant_on_random_mixtures(tmp_path_factory, kinds, shard_
     assert not any(r.startswith(("empty", "binary", "error", "nottext", "spam", "dup")) for r in kept)
 
 
+def test_texts_without_shingles_are_not_near_duplicates():
+    texts = ["---- !!!! ????", "==== .... ;;;;", "some real words here for once"]
+    hasher = MinHasher(CFG.num_perm, CFG.seed)
+    sigs = np.stack([hasher.text_signature(t) for t in texts])
+    assert dedup_plan([content_hash(t) for t in texts], sigs, CFG) == {}
+
+
 def test_accounting_check_catches_a_lost_document():
     stats = {"input": {"docs": 3, "bytes": 3}, "steps": {"readable": {"docs_in": 3, "bytes_in": 3, "docs_out": 2, "bytes_out": 2, "dropped": {}}},
              "kept": {"docs": 2, "bytes": 2}, "dropped": {"docs": 0, "bytes": 0}}
@@ -293,7 +300,6 @@ def test_datasets_engine_agrees(sample_corpus, ours):
     assert len(kept) + len(dropped) == len(sample_corpus)
 
 
-@pytest.mark.slow
 def test_datatrove_local_executor_agrees(sample_corpus, ours, tmp_path):
     half = len(sample_corpus) // 2   # two input files -> two datatrove tasks in two worker processes
     write_shards(sample_corpus[:half], tmp_path / "in", max_docs=half, prefix="a")
