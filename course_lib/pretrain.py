@@ -302,7 +302,7 @@ def decode_ids(ids, tokenizer_path: str | Path | None = None) -> str:
         return Tokenizer.from_file(str(tokenizer_path)).decode(ids, skip_special_tokens=False)
     return b"".join(bytes([i]) if i < 256 else b"\n" for i in ids).decode("utf-8", errors="replace")
 
-# %% ../nbs/04_pretrain.ipynb #5ce1cb8e
+# %% ../nbs/04_pretrain.ipynb #64f99aea
 def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = True,
           tokenizer_path: str | Path | None = None, on_micro_step: Callable[[int, int], None] | None = None,
           stop_at: int | None = None) -> dict:
@@ -402,8 +402,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     forward_model.train()
     last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     bar = progress(range(start_step, last), desc="pretrain", unit="step") if is_main else range(start_step, last)
-    t_start = time.perf_counter(); tokens_at_start = tokens_seen
+    train_seconds, tokens_at_start = 0.0, tokens_seen                  # tokens/s counts training time only (no eval, no saving)
     for step in bar:
+        t_step = time.perf_counter()
         lr = schedule(step)
         for group in optimizer.param_groups: group["lr"] = lr
         step_loss = 0.0
@@ -432,8 +433,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         tokens_seen += cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
         step_loss = mean_over_ranks(step_loss)
         losses.append(step_loss)
-        elapsed = time.perf_counter() - t_start
-        tok_s = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+        train_seconds += time.perf_counter() - t_step
+        tok_s = (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9)
         write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "tok_per_s": tok_s})
         if is_main and hasattr(bar, "set_postfix"): bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         done = step + 1
@@ -449,7 +450,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     # the final model, gathered on rank 0 and written in Hugging Face layout
     state = _full_state_dict(model, engine, cfg)
     summary = {"steps": cfg.steps, "params": n_params(model) if cfg.strategy != "fsdp" else None, "tokens": tokens_seen,
-               "tok_per_s": (tokens_seen - tokens_at_start) / max(time.perf_counter() - t_start, 1e-9),
+               "tok_per_s": (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9),
                "model_config": model_cfg.to_dict(), "world": world, "strategy": cfg.strategy}
     if is_main:
         final = Decoder(model_cfg); final.load_state_dict(state)
