@@ -579,7 +579,7 @@ def compression_curve(tok: Tokenizer, texts: list[str], sizes: Iterable[int]) ->
     n_special = len(tok.special_tokens)
     return {v: bytes_per_token(truncate(tok, v - 256 - n_special), texts) for v in sizes}
 
-# %% ../nbs/02_tokenizer.ipynb #85156d7d
+# %% ../nbs/02_tokenizer.ipynb #b66d7023
 def stage_records(run: str | Path, settings) -> tuple[str, Iterator[dict]]:
     "The tokenizer stage's input: the data stage's shards, else the corpus stage's docs, else the corpus itself."
     run = Path(run)
@@ -634,6 +634,7 @@ def tokenizer_stage(ctx: RunContext) -> str:
     curve = compression_curve(tok, sample, sizes)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(list(curve), list(curve.values()), marker="o"); ax.set_xscale("log", base=2)
+    ax.set_xticks(list(curve), [str(v) for v in curve], fontsize=7); ax.minorticks_off()
     ax.set_xlabel("vocabulary size"); ax.set_ylabel("bytes per token"); ax.set_title("Compression on held-out text")
     fig.tight_layout(); fig.savefig(out / "compression.png", dpi=120); plt.close(fig)
     n_bytes = {k: sum(len(t.encode("utf-8")) for t in v) for k, v in splits.items()}
