@@ -264,7 +264,7 @@ def identify_language(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if cfg.languages and prob < cfg.min_language_score: return Drop("unsure_language", f"{lang} ({prob:.2f})")
     return _with_text(doc, doc["text"], lang=lang, lang_score=round(prob, 3))
 
-# %% ../nbs/01_data.ipynb #bfd778b5
+# %% ../nbs/01_data.ipynb #b01c4a9b
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’«»…—–·•"
 _BULLETS = ("•", "-", "*", "‣", "◦", "▪", "●")
@@ -307,7 +307,7 @@ def gopher_quality(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if _kind(doc) == "code": return doc
     return quality_verdict(quality_signals(doc["text"]), cfg) or doc
 
-# %% ../nbs/01_data.ipynb #e3b5f591
+# %% ../nbs/01_data.ipynb #a3250d57
 def _duplicates(items: list[str]) -> tuple[float, float]:
     "(share of items equal to an earlier item, share of characters in them): ['a', 'b', 'a'] -> (1/3, 1/3)."
     seen, dup_items, dup_chars = set(), 0, 0
@@ -372,7 +372,7 @@ def gopher_repetition(doc: dict, cfg: CleanConfig) -> dict | Drop:
     signals = repetition_signals(doc["text"], [n for n, _ in cfg.max_top_ngram_chars], [n for n, _ in cfg.max_dup_ngram_chars])
     return repetition_verdict(signals, cfg) or doc
 
-# %% ../nbs/01_data.ipynb #e8a02be0
+# %% ../nbs/01_data.ipynb #f7b3ab70
 _TERMINAL = (".", "!", "?", '"', "'", ":", "”", "’")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
@@ -411,7 +411,7 @@ def c4_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if verdict: return verdict
     return _with_text(doc, "\n\n".join(kept)) if removed else doc
 
-# %% ../nbs/01_data.ipynb #af93dfe5
+# %% ../nbs/01_data.ipynb #9ee90b2e
 _GENERATED = re.compile(r"auto-?generated|automatically generated|generated (?:by|from|with)|do not edit|don't edit", re.I)
 _BLOB = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
 _ALNUM_RUNS = re.compile(r"[^\W_]+")  # runs of letters and digits: one match per run, not per character
@@ -441,7 +441,7 @@ def code_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
     if _kind(doc) != "code": return doc
     return code_verdict(code_signals(doc["text"], cfg.code_marker_lines), cfg) or doc
 
-# %% ../nbs/01_data.ipynb #607a3f44
+# %% ../nbs/01_data.ipynb #9e15382e
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?=\d)(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\d)")
@@ -506,7 +506,7 @@ def redact_pii(doc: dict, cfg: CleanConfig) -> dict | Drop:
     text, counts = redact(doc["text"], cfg.pii_kinds)
     return _with_text(doc, text, pii=dict(counts)) if counts else doc
 
-# %% ../nbs/01_data.ipynb #41eaa10d
+# %% ../nbs/01_data.ipynb #e9589b95
 def content_hash(text: str) -> str:
     "A 128-bit BLAKE2b hex digest of the text: equal texts, equal hashes, in every process."
     return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).hexdigest()
@@ -540,7 +540,7 @@ def shingles(text: str, words: int = 5, chars: int = 3, cjk_fraction: float = 0.
         h = h * np.uint64(0x100000001B3) + units[j:len(units) - n + 1 + j]
     return np.unique((h ^ (h >> np.uint64(29))) & _MASK32)
 
-# %% ../nbs/01_data.ipynb #0e003539
+# %% ../nbs/01_data.ipynb #6bceb882
 class MinHasher:
     """MinHash signatures with `num_perm` multiply-shift hash functions h(x) = ((a*x + b) mod 2**64) >> 32
     (a odd): the share of positions where two signatures agree estimates the Jaccard similarity of the sets."""
@@ -567,7 +567,7 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     "Share of equal positions in two MinHash signatures."
     return float(np.mean(sig_a == sig_b))
 
-# %% ../nbs/01_data.ipynb #ac14065a
+# %% ../nbs/01_data.ipynb #d73fea5e
 def _integrate(f, a: float, b: float, steps: int = 200) -> float:
     x = np.linspace(a, b, steps + 1)
     y = f(x)
@@ -628,7 +628,7 @@ def near_duplicate_clusters(signatures: np.ndarray, threshold: float = 0.8) -> t
             verified.append((i, j, similarity)); uf.union(i, j)
     return [uf.find(i) for i in range(n)], verified
 
-# %% ../nbs/01_data.ipynb #5a7508f3
+# %% ../nbs/01_data.ipynb #73f2d0cb
 def dedup_plan(hashes: Sequence[str], signatures: np.ndarray | None, cfg: CleanConfig) -> dict[int, tuple[str, str, int]]:
     """Which documents (by position) deduplication drops: {index: (step, reason, index of the kept copy)}.
     Exact duplicates go first (same content hash, the first one kept), then near-duplicate clusters among the rest."""
@@ -645,7 +645,7 @@ def dedup_plan(hashes: Sequence[str], signatures: np.ndarray | None, cfg: CleanC
             if root != position: plan[int(alive[position])] = ("near_dedup", "near_duplicate", int(alive[root]))
     return plan
 
-# %% ../nbs/01_data.ipynb #b33c5b66
+# %% ../nbs/01_data.ipynb #f8a6cf05
 DOC_STEPS: dict[str, Callable[[dict, CleanConfig], dict | Drop]] = {
     "readable": check_readable, "normalise": normalise, "language": identify_language,
     "repetition": gopher_repetition, "quality": gopher_quality, "c4": c4_filter, "code": code_filter, "pii": redact_pii}
@@ -697,7 +697,7 @@ def apply_steps(doc: dict, cfg: CleanConfig, accounts: Accounts | None = None) -
         doc, size = result, new_size
     return doc, None, None
 
-# %% ../nbs/01_data.ipynb #e05a7be9
+# %% ../nbs/01_data.ipynb #7e2534a2
 def explain(text: str, cfg: CleanConfig | None = None, kind: str = "prose") -> list[dict]:
     "Each per-document step's verdict on `text` (for the demo and for reading): [{step, verdict, reason, detail, text}]."
     cfg = cfg or CleanConfig()
@@ -713,7 +713,7 @@ def explain(text: str, cfg: CleanConfig | None = None, kind: str = "prose") -> l
         doc = result
     return rows
 
-# %% ../nbs/01_data.ipynb #182e12ef
+# %% ../nbs/01_data.ipynb #f4d63f3a
 def _batches(records: Iterable[dict], max_docs: int, max_bytes: int) -> Iterator[list[dict]]:
     "Group a stream into input shards of at most `max_docs` documents or about `max_bytes` bytes."
     batch, size = [], 0
@@ -762,7 +762,7 @@ def check_accounts(stats: dict) -> None:
     if stats["kept"]["docs"] + stats["dropped"]["docs"] != n_in or stats["kept"]["docs"] != previous:
         raise RuntimeError(f"accounting broken: kept {stats['kept']['docs']} + dropped {stats['dropped']['docs']} != input {n_in}")
 
-# %% ../nbs/01_data.ipynb #c6520a5f
+# %% ../nbs/01_data.ipynb #746b643d
 def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig | None = None, workers: int = 1,
                  resume: bool = True, fmt: str = "jsonl", keep_work: bool = False) -> dict:
     """Clean a stream of records into `out_dir/shards/shard-*.{jsonl,parquet}`, `out_dir/dropped.jsonl` and
@@ -842,7 +842,7 @@ def _reduce(work: Path, n_parts: int, out_dir: Path, cfg: CleanConfig, fmt: str,
     if not keep_work: shutil.rmtree(work)
     return stats
 
-# %% ../nbs/01_data.ipynb #ea5602c5
+# %% ../nbs/01_data.ipynb #7ded85ec
 def funnel(stats: dict) -> list[tuple[str, int, int]]:
     "[(label, documents, bytes)] surviving: the input, then after each step."
     rows = [("input", stats["input"]["docs"], stats["input"]["bytes"])]
@@ -866,7 +866,7 @@ def plot_funnel(stats: dict, path: str | Path | None = None, title: str = "What 
     if path: fig.savefig(path, dpi=110); plt.close(fig)
     return fig
 
-# %% ../nbs/01_data.ipynb #651ea81c
+# %% ../nbs/01_data.ipynb #5c33d5ef
 def _datasets_row(row: dict, cfg: CleanConfig) -> dict:
     doc = {"id": row["id"], "text": row["text"], "meta": json.loads(row["meta_json"])}
     out, step, drop = apply_steps(doc, cfg)
@@ -897,7 +897,7 @@ def clean_with_datasets(records: Iterable[dict], cfg: CleanConfig | None = None,
     dropped += [{"id": ids[g], "step": step, "reason": reason} for g, (step, reason, _) in sorted(plan.items())]
     return kept.select([i for i in range(len(kept)) if i not in plan]), dropped
 
-# %% ../nbs/01_data.ipynb #58153147
+# %% ../nbs/01_data.ipynb #bc12c1c2
 try:
     from datatrove.pipeline.base import PipelineStep as _PipelineStep
 except ImportError:  # datatrove is an optional extra: pip install 'llm-camp[data]'
@@ -957,7 +957,7 @@ def clean_with_datatrove(input_dir: str | Path, out_dir: str | Path, cfg: CleanC
     rows = [json.loads(line) for path in sorted((out_dir / "kept").glob("*.jsonl")) for line in path.open(encoding="utf-8")]
     return [{"id": r["id"], "text": r["text"], "meta": r.get("metadata", {}).get("meta", {})} for r in rows]
 
-# %% ../nbs/01_data.ipynb #13329182
+# %% ../nbs/01_data.ipynb #01bc8e69
 @stage("data", order=10)
 def data_stage(ctx: RunContext) -> str:
     "Clean corpus/docs.jsonl (or the settings' corpus) into data/shards/, data/stats.json, data/dropped.jsonl, data/funnel.png."
@@ -980,7 +980,7 @@ def data_stage(ctx: RunContext) -> str:
             f"| after step | documents | bytes |\n|---|---|---|\n{rows}\n\n"
             f"| dropped by (step: reason) | documents |\n|---|---|\n{top}\n\n![funnel](data/funnel.png)\n")
 
-# %% ../nbs/01_data.ipynb #2a112b08
+# %% ../nbs/01_data.ipynb #9310e3ab
 DEMO_TEXT = """Contact the maintainers at data-team@example.org or call +1 (555) 123-4567 if the build breaks.
 
 The staging server lives at 10.0.12.7 (and fe80::1ff:fe23:4567:890a on the lab network). Please do not share

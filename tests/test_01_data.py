@@ -232,7 +232,25 @@ def test_html_main_text_extraction(tmp_path):
     assert recs["bad.pdf"]["meta"]["error"].startswith("pdf_error")
 
 
+def _pdf_with_text(lines):
+    "A one-page PDF written by hand (Helvetica text objects), so the test needs no PDF-writing library."
+    content = "BT /F1 12 Tf 72 720 Td " + " ".join(f"({line}) Tj 0 -16 Td" for line in lines) + " ET"
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+               f"<< /Length {len(content)} >>\nstream\n{content}\nendstream", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out)); out += f"{i} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode() + b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    return out + f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+
+
 def test_pdf_text_layer(tmp_path):
+    (tmp_path / "paper.pdf").write_bytes(_pdf_with_text(["Deduplication matters for training data.", "MinHash estimates Jaccard similarity."]))
+    rec = next(read_documents(tmp_path / "paper.pdf"))
+    assert "Deduplication matters for training data." in rec["text"] and "MinHash estimates Jaccard" in rec["text"]
+    assert rec["meta"]["pages"] == 1 and rec["meta"]["format"] == "pdf"
     from pypdf import PdfWriter
     writer = PdfWriter(); writer.add_blank_page(200, 200)
     with open(tmp_path / "blank.pdf", "wb") as f: writer.write(f)
