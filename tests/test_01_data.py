@@ -274,6 +274,9 @@ def test_parquet_shards_round_trip(tmp_path):
     docs = list(embedded_corpus(max_docs=12))
     paths = write_shards(docs, tmp_path, fmt="parquet", max_docs=5)
     assert [r["text"] for r in read_documents(tmp_path)] == [d["text"] for d in docs] and len(paths) == 3
+    stats = clean_corpus(docs, tmp_path / "clean", fmt="parquet")
+    assert stats["shards"] == ["shard-00000.parquet"]
+    assert len(list(read_documents(tmp_path / "clean" / "shards"))) == stats["kept"]["docs"] > 0
 
 
 # ---------------------------------------------------------------- parallel, resumable, and other engines
