@@ -10,11 +10,12 @@ __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'PATTERNS', 'EOT', 'CHAT_SPECIALS', '
            'to_transformers', 'from_hf_json', 'truncate', 'bytes_per_token', 'compression_curve', 'stage_records',
            'write_tokens', 'tokenizer_stage', 'render_tokens_html', 'tokenizer_demo']
 
-# %% ../nbs/02_tokenizer.ipynb #b6a11bd2
+# %% ../nbs/02_tokenizer.ipynb #68a34f0f
 import heapq
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -55,7 +56,7 @@ def pretokenize(text: str, pattern: str = "gpt2", special_tokens: Iterable[str] 
     pieces = splitter.split(text)[::2] if splitter else [text]
     return [p for piece in pieces for p in compiled.findall(piece)]
 
-# %% ../nbs/02_tokenizer.ipynb #08dc036f
+# %% ../nbs/02_tokenizer.ipynb #90c94da5
 def _count_texts(texts: Iterable[str], pattern: str, special_tokens: tuple[str, ...]) -> Counter:
     "Pre-token counts over `texts`: split on specials (dropped), then regex.findall; one Counter for all."
     compiled = regex.compile(resolve_pattern(pattern))
@@ -77,6 +78,10 @@ def _count_file_range(args) -> Counter:
         raise ValueError(f"{path} is not valid UTF-8: byte offset {start + e.start} holds {bad!r}. "
                          "Decode it yourself (e.g. errors='replace') and pass the texts instead.") from None
     return _count_texts((text,), pattern, special_tokens)
+
+def _pool_context():
+    "Worker processes: forked on Linux (instant, nothing re-imported), spawned elsewhere (fork is unsafe on macOS)."
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 def _count_batch(args) -> Counter:
     return _count_texts(*args)
@@ -130,8 +135,7 @@ def count_pretokens(source: str | Path | Iterable[str], pattern: str = "gpt2", s
         total = Counter()
         for counts in results: total.update(counts)
         return total
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(processes, len(jobs))) as pool:
+    with _pool_context().Pool(min(processes, len(jobs))) as pool:
         total = Counter()
         for counts in pool.imap_unordered(worker, jobs):
             if len(counts) > len(total): total, counts = counts, total  # add the smaller into the larger
@@ -266,7 +270,7 @@ def train_bpe(source: str | Path | Iterable[str], vocab_size: int, special_token
     merges = bpe_merges(word_counts, vocab_size - 256 - len(specials))
     return _finish_vocab(merges, specials), merges
 
-# %% ../nbs/02_tokenizer.ipynb #ff5b2f01
+# %% ../nbs/02_tokenizer.ipynb #e2384b12
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte, so a vocabulary of byte strings can be JSON text:
     printable Latin-1 bytes stand for themselves, the other 68 (space, controls) map to U+0100 onwards."""
@@ -282,7 +286,7 @@ _U2B = {c: b for b, c in _B2U.items()}
 def _to_unicode(token: bytes) -> str: return "".join(_B2U[x] for x in token)
 def _from_unicode(text: str) -> bytes: return bytes(_U2B[c] for c in text)
 
-# %% ../nbs/02_tokenizer.ipynb #3419872e
+# %% ../nbs/02_tokenizer.ipynb #a5742ddf
 class Tokenizer:
     """Encode text to ids and back with a byte-level BPE vocabulary.
 
@@ -378,7 +382,7 @@ def _token_label(token: bytes) -> str:
     try: return token.decode("utf-8")
     except UnicodeDecodeError: return "".join(f"\\x{x:02x}" for x in token)
 
-# %% ../nbs/02_tokenizer.ipynb #e14f8a23
+# %% ../nbs/02_tokenizer.ipynb #93bb82f5
 @patch
 def _safe_cut(self: Tokenizer, text: str) -> int:
     """The last position in `text` that no pre-token can straddle and whose left side encodes the same
@@ -415,7 +419,7 @@ def encode_iterable(self: Tokenizer, texts: Iterable[str]) -> Iterator[int]:
             pending = [text]
     yield from self.encode("".join(pending))
 
-# %% ../nbs/02_tokenizer.ipynb #1e4a2a60
+# %% ../nbs/02_tokenizer.ipynb #cb884c0a
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 def _set_worker_tokenizer(tok: Tokenizer):
@@ -431,11 +435,10 @@ def encode_batch(self: Tokenizer, texts: list[str], processes: int | None = None
     texts = list(texts)
     processes = processes or os.cpu_count() or 1
     if processes == 1 or sum(map(len, texts)) < 1_000_000 or len(texts) < 2: return [self.encode(t) for t in texts]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(processes, initializer=_set_worker_tokenizer, initargs=(self,)) as pool:
+    with _pool_context().Pool(processes, initializer=_set_worker_tokenizer, initargs=(self,)) as pool:
         return pool.map(_worker_encode, texts, chunksize=max(1, len(texts) // (processes * 8)))
 
-# %% ../nbs/02_tokenizer.ipynb #7cba20a1
+# %% ../nbs/02_tokenizer.ipynb #bb931f90
 FORMAT = "llm-camp-bpe/1"
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
@@ -462,7 +465,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if "model" in doc: return from_hf_json(doc)
     raise ValueError(f"{path} is neither an {FORMAT} file nor a Hugging Face tokenizer.json")
 
-# %% ../nbs/02_tokenizer.ipynb #4228c8b4
+# %% ../nbs/02_tokenizer.ipynb #d549e84c
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -559,7 +562,7 @@ def from_hf_json(doc: dict | str | Path) -> Tokenizer:
     merges = [(_from_unicode(a), _from_unicode(b)) for a, b in merges]
     return Tokenizer(vocab, merges, list(added), pattern)
 
-# %% ../nbs/02_tokenizer.ipynb #e7e91b0c
+# %% ../nbs/02_tokenizer.ipynb #f46496f2
 def truncate(tok: Tokenizer, n_merges: int) -> Tokenizer:
     """The tokenizer with only its first `n_merges` merges: BPE training is greedy, so this is exactly what
     training with a smaller vocabulary would have learned (same ids for what is kept)."""
@@ -579,7 +582,7 @@ def compression_curve(tok: Tokenizer, texts: list[str], sizes: Iterable[int]) ->
     n_special = len(tok.special_tokens)
     return {v: bytes_per_token(truncate(tok, v - 256 - n_special), texts) for v in sizes}
 
-# %% ../nbs/02_tokenizer.ipynb #b66d7023
+# %% ../nbs/02_tokenizer.ipynb #ce72cb54
 def stage_records(run: str | Path, settings) -> tuple[str, Iterator[dict]]:
     "The tokenizer stage's input: the data stage's shards, else the corpus stage's docs, else the corpus itself."
     run = Path(run)
@@ -651,7 +654,7 @@ def tokenizer_stage(ctx: RunContext) -> str:
             f"`tokenizer/tokens/{{train,val}}.bin` ({dtype}), `tokenizer/tokens/meta.json`.\n\n"
             f"![compression vs vocabulary size](tokenizer/compression.png)\n")
 
-# %% ../nbs/02_tokenizer.ipynb #4be8c25c
+# %% ../nbs/02_tokenizer.ipynb #7b59b6c9
 def render_tokens_html(tok: Tokenizer, text: str) -> str:
     "HTML spans, one per token, coloured by id, each showing its id and byte count on hover and below."
     import html
