@@ -1,0 +1,82 @@
+"""Grading tests for hw03: each compares the student's function with course_lib.model on fresh random inputs and weights."""
+import pytest
+import torch
+
+from course_lib import model as ref
+
+
+def randn(rng, *shape, dtype=torch.float32):
+    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+
+
+@pytest.mark.question("q1 rms_norm", points=1)
+def test_rms_norm_edge_cases(student):
+    y = student.rms_norm(torch.tensor([[3.0, 4.0]]), torch.ones(2), eps=0.0)
+    torch.testing.assert_close(y, torch.tensor([[3.0, 4.0]]) / 12.5 ** 0.5)
+    x = torch.zeros(2, 3, 8)                                      # all zeros: eps keeps it finite
+    assert torch.equal(student.rms_norm(x, torch.ones(8)), x)
+    xb = torch.randn(4, 16).bfloat16()
+    assert student.rms_norm(xb, torch.ones(16)).dtype == torch.bfloat16, "returns the input's dtype"
+
+
+@pytest.mark.question("q1 rms_norm", points=1)
+def test_rms_norm_random(student, rng):
+    for _ in range(20):
+        d = int(rng.integers(2, 64)); shape = tuple(int(s) for s in rng.integers(1, 5, size=rng.integers(1, 4))) + (d,)
+        x, eps = randn(rng, *shape) * float(rng.uniform(0.01, 10)), float(rng.choice([1e-6, 1e-5, 1e-3]))
+        norm = ref.RMSNorm(d, eps)
+        with torch.no_grad(): norm.weight.copy_(randn(rng, d))
+        with torch.no_grad(): want = norm(x)
+        torch.testing.assert_close(student.rms_norm(x, norm.weight.detach(), eps), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.question("q2 swiglu", points=2)
+def test_swiglu_random(student, rng):
+    for _ in range(20):
+        d, f = int(rng.integers(2, 32)), int(rng.integers(2, 64))
+        mlp = ref.SwiGLU(d, f)
+        x = randn(rng, int(rng.integers(1, 4)), int(rng.integers(1, 6)), d)
+        with torch.no_grad():
+            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj): lin.weight.copy_(randn(rng, *lin.weight.shape))
+            want = mlp(x)
+        got = student.swiglu(x, mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach())
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.question("q3 apply_rope", points=1)
+def test_rope_edge_cases(student):
+    x = torch.zeros(1, 1, 1, 4); x[..., 0] = 1.0                   # e_0 at position 1 rotates by 1 radian into dim d/2
+    got = student.apply_rope(x, torch.tensor([1]), theta=10000.0)
+    torch.testing.assert_close(got[0, 0, 0], torch.tensor([torch.cos(torch.tensor(1.0)), 0.0, torch.sin(torch.tensor(1.0)), 0.0]))
+    q = torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(student.apply_rope(q, torch.zeros(5, dtype=torch.long)), q)
+
+
+@pytest.mark.question("q3 apply_rope", points=2)
+def test_rope_random(student, rng):
+    for _ in range(20):
+        b, h, t, d = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 12)), 2 * int(rng.integers(1, 16))
+        theta = float(rng.choice([500.0, 10_000.0, 1_000_000.0]))
+        x = randn(rng, b, h, t, d)
+        positions = torch.from_numpy(rng.integers(0, 4096, size=(b, t)) if rng.random() < 0.5 else rng.permutation(t)).long()
+        cos, sin = ref.rope_cos_sin(positions, d, theta)
+        torch.testing.assert_close(student.apply_rope(x, positions, theta), ref.apply_rope(x, cos, sin), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.question("q4 causal_attention", points=1)
+def test_attention_edge_cases(student):
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    torch.testing.assert_close(student.causal_attention(q, k, v), v)   # one token attends only to itself
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    out = student.causal_attention(q, k, v)
+    torch.testing.assert_close(out[:, 1, 0], v[:, 0, 0])               # query head 1 uses kv head 0 (groups of 2)
+    torch.testing.assert_close(out[:, 2, 0], v[:, 1, 0])               # query head 2 uses kv head 1
+
+
+@pytest.mark.question("q4 causal_attention", points=2)
+def test_attention_random(student, rng):
+    for _ in range(20):
+        kv = int(rng.integers(1, 4)); h = kv * int(rng.integers(1, 4))
+        b, t, d = int(rng.integers(1, 3)), int(rng.integers(1, 16)), int(rng.integers(2, 17))
+        q, k, v = randn(rng, b, h, t, d), randn(rng, b, kv, t, d), randn(rng, b, kv, t, d)
+        torch.testing.assert_close(student.causal_attention(q, k, v), ref.sdpa_attention(q, k, v), atol=1e-5, rtol=1e-4)
