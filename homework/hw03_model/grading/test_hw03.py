@@ -15,8 +15,11 @@ def test_rms_norm_edge_cases(student):
     torch.testing.assert_close(y, torch.tensor([[3.0, 4.0]]) / 12.5 ** 0.5)
     x = torch.zeros(2, 3, 8)                                      # all zeros: eps keeps it finite
     assert torch.equal(student.rms_norm(x, torch.ones(8)), x)
-    xb = torch.randn(4, 16).bfloat16()
-    assert student.rms_norm(xb, torch.ones(16)).dtype == torch.bfloat16, "returns the input's dtype"
+    xb, wb = torch.randn(4, 16).bfloat16(), torch.ones(16, dtype=torch.bfloat16)   # a bf16 model: weights and activations
+    got = student.rms_norm(xb, wb)
+    assert got.dtype == torch.bfloat16, "returns the input's dtype"
+    norm = ref.RMSNorm(16).bfloat16()
+    with torch.no_grad(): torch.testing.assert_close(got, norm(xb))   # normalised in float32, then rounded once
 
 
 @pytest.mark.question("q1 rms_norm", points=1)
