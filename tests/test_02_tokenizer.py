@@ -256,3 +256,49 @@ def test_bad_inputs(tmp_path, trained):
     # training stops early, without hanging, when no pair is left
     vocab, merges = train_bpe(["ab"], 400, [EOT])
     assert merges == [(b"a", b"b")] and len(vocab) == 258
+
+
+def test_stage_reads_data_shards_and_token_files_match_transformers(tmp_path):
+    "The stage's token files hold, per document in order, transformers' ids of it followed by <|endoftext|>."
+    import numpy as np
+    from transformers import AutoTokenizer
+    from course_lib.core import RunContext, load_settings, split_of, write_jsonl
+    from course_lib.tokenizer import tokenizer_stage
+    docs = list(embedded_corpus(max_bytes=200_000))
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    write_jsonl(docs[:20], tmp_path / "data" / "shards" / "shard-00000.jsonl")
+    write_jsonl(docs[20:], tmp_path / "data" / "shards" / "shard-00001.jsonl")
+    settings = load_settings("ci", {"vocab_size": "700", "val_fraction": "0.2"})
+    ctx = RunContext(tmp_path, settings)
+    report = tokenizer_stage(ctx)
+    assert "data/shards" in report and (tmp_path / "tokenizer" / "compression.png").is_file()
+    meta = json.loads((tmp_path / "tokenizer" / "tokens" / "meta.json").read_text())
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert meta["vocab_size"] == 700 and meta["dtype"] == "uint16" and meta["eos_id"] == hf.convert_tokens_to_ids(EOT)
+    for split in ("train", "val"):
+        want = [i for d in docs if split_of(d["id"], 0.2) == split for i in hf.encode(d["text"]) + [meta["eos_id"]]]
+        got = np.memmap(tmp_path / "tokenizer" / "tokens" / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        assert len(want) > 0 and got.tolist() == want and meta["n_tokens"][split] == len(want)
+    assert ctx.summary["tokenizer"]["vocab_size"] == 700
+
+
+def test_stage_without_inputs_or_corpus_names_the_problem(tmp_path):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.tokenizer import tokenizer_stage
+    ctx = RunContext(tmp_path, load_settings("ci", {"corpus": str(tmp_path / "nowhere")}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tokenizer_stage(ctx)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=text_strategy, cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_encode_iterable_equals_encode_for_any_chunking(trained, text, cuts):
+    "However the text is cut into pieces, streaming gives encode()'s ids (a special token with a space inside included)."
+    pieces, last = [], 0
+    for c in sorted(c for c in cuts if c <= len(text)) + [len(text)]:
+        pieces.append(text[last:c]); last = c
+    for tok, _ in trained.values():
+        assert list(tok.encode_iterable(iter(pieces))) == tok.encode(text)
+    spaced = Tokenizer(trained["gpt4"][0].vocab, trained["gpt4"][0].merges, [*DEFAULT_SPECIALS, "a <|x|>"], pattern="gpt4")
+    spaced_text = text.replace("abc", "a <|x|>")
+    assert list(spaced.encode_iterable(iter([spaced_text[:c] if i == 0 else spaced_text[c:] for i, c in enumerate([len(spaced_text) // 2] * 2)]))) == spaced.encode(spaced_text)
