@@ -556,7 +556,7 @@ def pretrain_stage(ctx: RunContext) -> str:
             f"validation loss {summary['val_loss']:.3f} nats/token. Model in Hugging Face layout: `pretrain/model/`."
             f"{note}\n\n![loss](pretrain/loss.png)\n\nA sample (temperature 0.8, top-k 50):\n\n```\n{sample}\n```\n")
 
-# %% ../nbs/04_pretrain.ipynb #8cf661bf
+# %% ../nbs/04_pretrain.ipynb #63af6a15
 def _find_model(run: str | None) -> Path | None:
     if run is not None:
         for candidate in (Path(run), Path(run) / "pretrain" / "model", Path(run) / "model"):
@@ -593,25 +593,30 @@ def generate_demo(run: str | None = None):
         idx = torch.tensor([ids])
         g = torch.Generator().manual_seed(int(seed))
         out = generate(model, idx, int(max_new), temperature=temperature, top_k=int(top_k) or None, top_p=top_p, generator=g)
+        new_ids = out[0, len(ids):].tolist()
         probs = next_token_probs(model, idx[0], temperature, int(top_k) or None, top_p)
-        top = probs.topk(min(15, probs.numel()))
+        top = probs.topk(min(10, probs.numel()))
         import pandas as pd
-        chart = pd.DataFrame({"token": [f"{r}. {piece(i)}" for r, i in enumerate(top.indices.tolist(), 1)],
-                              "probability": top.values.tolist()})
-        return decode(out[0, len(ids):].tolist()), chart
+        labels = [f"{r}. {piece(i)} (id {i})" for r, i in enumerate(top.indices.tolist(), 1)]
+        chart = pd.DataFrame({"token": labels, "probability": top.values.tolist()})
+        return decode(new_ids), json.dumps(new_ids), chart, {l: float(p) for l, p in zip(labels, top.values.tolist())}
 
     with gr.Blocks(title="LLM Camp: generate") as app:
-        gr.Markdown(f"# Generate with the pretrained model\nModel: `{folder}` ({n_params(model) / 1e6:.2f} M parameters)")
+        gr.Markdown(f"# Generate with the pretrained model\nModel: `{folder}` ({n_params(model) / 1e6:.2f} M parameters). "
+                    "Top-k = 1 is greedy decoding.")
         prompt = gr.Textbox(value="def ", label="prompt", elem_id="prompt")
         with gr.Row():
-            max_new = gr.Slider(1, 200, value=60, step=1, label="new tokens")
-            temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="temperature")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
-            seed = gr.Number(value=0, precision=0, label="seed")
+            max_new = gr.Slider(1, 200, value=60, step=1, label="new tokens", elem_id="max-new")
+            temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="temperature", elem_id="temperature")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)", elem_id="top-k")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", elem_id="top-p")
+            seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         output = gr.Textbox(label="generated", elem_id="output", lines=6)
-        chart = gr.BarPlot(x="token", y="probability", title="next-token probabilities at the prompt's end",
-                           label="next-token distribution", elem_id="probs", sort="-y")
-        button.click(run_model, [prompt, max_new, temperature, top_k, top_p, seed], [output, chart])
+        new_ids = gr.Textbox(label="generated token ids", elem_id="ids")
+        with gr.Row():
+            chart = gr.BarPlot(x="token", y="probability", title="next-token probabilities at the prompt's end",
+                               label="next-token distribution", elem_id="probs-chart", sort="-y")
+            top_tokens = gr.Label(num_top_classes=10, label="top next tokens", elem_id="probs")
+        button.click(run_model, [prompt, max_new, temperature, top_k, top_p, seed], [output, new_ids, chart, top_tokens])
     return app
