@@ -270,7 +270,7 @@ def train_bpe(source: str | Path | Iterable[str], vocab_size: int, special_token
     merges = bpe_merges(word_counts, vocab_size - 256 - len(specials))
     return _finish_vocab(merges, specials), merges
 
-# %% ../nbs/02_tokenizer.ipynb #e2384b12
+# %% ../nbs/02_tokenizer.ipynb #74a6e7f9
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte, so a vocabulary of byte strings can be JSON text:
     printable Latin-1 bytes stand for themselves, the other 68 (space, controls) map to U+0100 onwards."""
@@ -286,7 +286,7 @@ _U2B = {c: b for b, c in _B2U.items()}
 def _to_unicode(token: bytes) -> str: return "".join(_B2U[x] for x in token)
 def _from_unicode(text: str) -> bytes: return bytes(_U2B[c] for c in text)
 
-# %% ../nbs/02_tokenizer.ipynb #a5742ddf
+# %% ../nbs/02_tokenizer.ipynb #1eb5abf2
 class Tokenizer:
     """Encode text to ids and back with a byte-level BPE vocabulary.
 
@@ -382,7 +382,7 @@ def _token_label(token: bytes) -> str:
     try: return token.decode("utf-8")
     except UnicodeDecodeError: return "".join(f"\\x{x:02x}" for x in token)
 
-# %% ../nbs/02_tokenizer.ipynb #93bb82f5
+# %% ../nbs/02_tokenizer.ipynb #b558799b
 @patch
 def _safe_cut(self: Tokenizer, text: str) -> int:
     """The last position in `text` that no pre-token can straddle and whose left side encodes the same
@@ -419,7 +419,7 @@ def encode_iterable(self: Tokenizer, texts: Iterable[str]) -> Iterator[int]:
             pending = [text]
     yield from self.encode("".join(pending))
 
-# %% ../nbs/02_tokenizer.ipynb #cb884c0a
+# %% ../nbs/02_tokenizer.ipynb #c372f5ca
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 def _set_worker_tokenizer(tok: Tokenizer):
@@ -438,7 +438,7 @@ def encode_batch(self: Tokenizer, texts: list[str], processes: int | None = None
     with _pool_context().Pool(processes, initializer=_set_worker_tokenizer, initargs=(self,)) as pool:
         return pool.map(_worker_encode, texts, chunksize=max(1, len(texts) // (processes * 8)))
 
-# %% ../nbs/02_tokenizer.ipynb #bb931f90
+# %% ../nbs/02_tokenizer.ipynb #c3c0b353
 FORMAT = "llm-camp-bpe/1"
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
@@ -465,7 +465,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if "model" in doc: return from_hf_json(doc)
     raise ValueError(f"{path} is neither an {FORMAT} file nor a Hugging Face tokenizer.json")
 
-# %% ../nbs/02_tokenizer.ipynb #d549e84c
+# %% ../nbs/02_tokenizer.ipynb #681ad43f
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -562,7 +562,7 @@ def from_hf_json(doc: dict | str | Path) -> Tokenizer:
     merges = [(_from_unicode(a), _from_unicode(b)) for a, b in merges]
     return Tokenizer(vocab, merges, list(added), pattern)
 
-# %% ../nbs/02_tokenizer.ipynb #f46496f2
+# %% ../nbs/02_tokenizer.ipynb #cabe9ea2
 def truncate(tok: Tokenizer, n_merges: int) -> Tokenizer:
     """The tokenizer with only its first `n_merges` merges: BPE training is greedy, so this is exactly what
     training with a smaller vocabulary would have learned (same ids for what is kept)."""
@@ -582,7 +582,7 @@ def compression_curve(tok: Tokenizer, texts: list[str], sizes: Iterable[int]) ->
     n_special = len(tok.special_tokens)
     return {v: bytes_per_token(truncate(tok, v - 256 - n_special), texts) for v in sizes}
 
-# %% ../nbs/02_tokenizer.ipynb #ce72cb54
+# %% ../nbs/02_tokenizer.ipynb #334d2f92
 def stage_records(run: str | Path, settings) -> tuple[str, Iterator[dict]]:
     "The tokenizer stage's input: the data stage's shards, else the corpus stage's docs, else the corpus itself."
     run = Path(run)
@@ -654,7 +654,7 @@ def tokenizer_stage(ctx: RunContext) -> str:
             f"`tokenizer/tokens/{{train,val}}.bin` ({dtype}), `tokenizer/tokens/meta.json`.\n\n"
             f"![compression vs vocabulary size](tokenizer/compression.png)\n")
 
-# %% ../nbs/02_tokenizer.ipynb #7b59b6c9
+# %% ../nbs/02_tokenizer.ipynb #64277389
 def render_tokens_html(tok: Tokenizer, text: str) -> str:
     "HTML spans, one per token, coloured by id, each showing its id and byte count on hover and below."
     import html
