@@ -165,7 +165,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # (b, t, d_ff) -> (b, t, d_model)
 
-# %% ../nbs/03_model.ipynb #673d2cc1
+# %% ../nbs/03_model.ipynb #4f14d440
 class Block(nn.Module):
     "x + attn(norm(x)), then + mlp(norm(x))."
     def __init__(self, cfg: ModelConfig):
@@ -219,7 +219,7 @@ class Decoder(nn.Module):
                 x = layer(x, cos, sin)                                  # (b, t, d_model)
         return self.lm_head(self.norm(x))                               # (b, t, vocab)
 
-# %% ../nbs/03_model.ipynb #4a683b7e
+# %% ../nbs/03_model.ipynb #50f5319f
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     "Parameters by part, from the config alone (no model built)."
     d, hd = cfg.d_model, cfg.head_dim
@@ -235,7 +235,7 @@ def n_params(model: nn.Module) -> int:
     "Distinct parameters of a built model (a tied matrix counts once)."
     return sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/03_model.ipynb #9afbbb8c
+# %% ../nbs/03_model.ipynb #b8bb65e5
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> dict[str, float]:
     "Matmul FLOPs per token: 6N (2N forward only) plus attention 12·L·d·t (4·L·d·t forward only)."
     counts = count_params(cfg)
@@ -245,7 +245,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> di
     attention = 2 * factor * 2 * cfg.n_layers * cfg.d_model * seq_len
     return {"dense": dense, "attention": attention, "total": dense + attention}
 
-# %% ../nbs/03_model.ipynb #76e75354
+# %% ../nbs/03_model.ipynb #6079c467
 def memory_estimate(cfg: ModelConfig, batch_size: int, seq_len: int, activation_dtype: torch.dtype = torch.float32,
                     checkpointing: bool = False) -> dict[str, float]:
     "Bytes to train with AdamW: fp32 weights, grads, two Adam moments, and saved activations (an estimate)."
@@ -264,7 +264,7 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, seq_len: int, activation_
     return {"weights": 4 * n, "grads": 4 * n, "adam": 8 * n, "activations": tokens * (layers + head),
             "total": 16 * n + tokens * (layers + head)}
 
-# %% ../nbs/03_model.ipynb #32323643
+# %% ../nbs/03_model.ipynb #e250b1b8
 def hf_config(cfg: ModelConfig) -> dict:
     "Our config as a Hugging Face LlamaConfig dict (config.json)."
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -293,7 +293,7 @@ def config_from_hf(d: dict) -> ModelConfig:
                        norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=d.get("tie_word_embeddings", False),
                        init_std=d.get("initializer_range", 0.02))
 
-# %% ../nbs/03_model.ipynb #ccca1fc1
+# %% ../nbs/03_model.ipynb #ee6f3d9a
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 def to_hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
@@ -330,7 +330,7 @@ def export_hf(model: Decoder, path: str | Path, tokenizer: str | Path | None = N
                                                                      "model_max_length": model.cfg.max_seq_len}, indent=2))
     return path
 
-# %% ../nbs/03_model.ipynb #2b4486d6
+# %% ../nbs/03_model.ipynb #ea8f472b
 def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     "All tensors of a Hugging Face folder: model.safetensors, a sharded index, or pytorch_model.bin."
     from safetensors.torch import load_file
@@ -377,7 +377,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     load_hf_state_dict(model, load_checkpoint_tensors(path))
     return model.to(dtype).eval()
 
-# %% ../nbs/03_model.ipynb #22d5a386
+# %% ../nbs/03_model.ipynb #5fb0452a
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     "Temperature, then top-k, then top-p on logits (..., vocab); removed entries become -inf."
@@ -421,7 +421,7 @@ def next_token_probs(model: Decoder, idx: torch.Tensor, temperature: float = 1.0
         logits = model.eval()(idx[None, -model.cfg.max_seq_len:])[0, -1]   # (V,)
     return filter_logits(logits, temperature, top_k, top_p).softmax(-1)
 
-# %% ../nbs/03_model.ipynb #8934fc38
+# %% ../nbs/03_model.ipynb #c5a902f1
 def save_model(model: Decoder, path: str | Path) -> Path:
     "Save config + weights to one file (atomically)."
     path = Path(path); tmp = path.with_name(path.name + ".tmp")

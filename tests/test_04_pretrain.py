@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -225,7 +226,8 @@ def test_two_processes_match_single_process(strategy, tokens, tmp_path):
         train(single, tokens, tmp_path / "single")
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
-    port = 29600 + ["ddp", "fsdp", "zero2"].index(strategy) + (os.getpid() % 50) * 3
+    with socket.socket() as sock:                                        # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
     proc = _torchrun(strategy, tokens, tmp_path / strategy, cfg, port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / strategy / f"rank-{r}.json").read_text()) for r in (0, 1)]

@@ -1,0 +1,152 @@
+"""Training throughput: our decoder vs transformers' LlamaForCausalLM with identical weights.
+
+Same config, same data, same process, same optimiser (torch.optim.AdamW) and loss (F.cross_entropy):
+tokens/s for fp32 and bf16 autocast, ours / HF ratio, losses of the first steps side by side,
+achieved FLOP/s against a measured matmul ceiling (the MFU of this CPU), and torch.compile's effect
+on ours. Measurements are interleaved (a round of ours, a round of HF, ...) and the median round is
+reported, so a machine shared with other jobs slows both alike.
+
+    .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, batch 16 x 128 tokens
+    .venv/bin/python benchmarks/bench_train.py --preset gpu-25m --batch 8 --seq 256 --no-compile
+Ends with one JSON line.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from course_lib.core import embedded_corpus
+from course_lib.model import Decoder, get_config, hf_config, flops_per_token, to_hf_state_dict
+from course_lib.pretrain import get_batch
+
+warnings.filterwarnings("ignore")
+
+
+def byte_tokens(max_bytes: int) -> np.ndarray:
+    "The embedded corpus as UTF-8 byte ids (the same data for both models)."
+    return np.frombuffer(b"".join(d["text"].encode() for d in embedded_corpus(max_bytes=max_bytes)), dtype=np.uint8).astype(np.uint16)
+
+
+def hf_twin(ours: Decoder):
+    "A LlamaForCausalLM holding exactly our weights."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**{k: v for k, v in hf_config(ours.cfg).items() if k not in ("architectures", "model_type")})
+    hf = LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if ours.cfg.tie_embeddings: hf.tie_weights()
+    return hf.train()
+
+
+class Runner:
+    "One model + optimiser; `step()` does forward, loss, backward and an AdamW step on the next batch."
+    def __init__(self, name, model, logits_of, batches, dtype):
+        self.name, self.model, self.logits_of, self.batches, self.dtype = name, model, logits_of, batches, dtype
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        self.i = 0
+
+    def step(self) -> float:
+        x, y = self.batches[self.i % len(self.batches)]; self.i += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            logits = self.logits_of(self.model, x)                      # (b, t, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        self.opt.step(); self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
+    "FLOP/s of the best of several n x n matmuls: the most this CPU does in this dtype."
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3): a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def throughput(runners, rounds: int, steps_per_round: int, tokens_per_step: int) -> dict[str, float]:
+    "Median tokens/s per runner over interleaved rounds."
+    per = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            start = time.perf_counter()
+            for _ in range(steps_per_round): r.step()
+            per[r.name].append(steps_per_round * tokens_per_step / (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu-1m")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps-per-round", type=int, default=4)
+    p.add_argument("--compare-steps", type=int, default=5, help="steps whose losses must agree")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads: torch.set_num_threads(args.threads)
+
+    tokens = byte_tokens(2_000_000)
+    cfg = get_config(args.preset, vocab_size=256, max_seq_len=max(args.seq, 256))
+    rng = np.random.default_rng(0)
+    batches = [get_batch(tokens, args.batch, args.seq, rng) for _ in range(16)]
+    tokens_per_step = args.batch * args.seq
+    flops_token = flops_per_token(cfg, args.seq)["total"]
+    ours_fwd = lambda m, x: m(x)
+    hf_fwd = lambda m, x: m(input_ids=x, use_cache=False).logits
+    results = {"preset": args.preset, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
+               "seq_len": args.seq, "threads": torch.get_num_threads(), "flops_per_token": flops_token}
+    rows = []
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        ours_model = Decoder(cfg).train()
+        hf_model = hf_twin(ours_model)
+        ours = Runner("ours", ours_model, ours_fwd, batches, dtype)
+        hf = Runner("hf", hf_model, hf_fwd, batches, dtype)
+        # the first steps: identical weights, data and optimiser -> the same losses
+        loss_pairs = [(ours.step(), hf.step()) for _ in range(args.compare_steps)]
+        max_rel = max(abs(a - b) / abs(b) for a, b in loss_pairs)
+        tps = throughput([ours, hf], args.rounds, args.steps_per_round, tokens_per_step)
+        ceiling = matmul_ceiling(dtype)
+        row = {"dtype": dtype_name, "ours_tok_s": tps["ours"], "hf_tok_s": tps["hf"], "ratio": tps["ours"] / tps["hf"],
+               "first_losses_ours": [a for a, _ in loss_pairs], "first_losses_hf": [b for _, b in loss_pairs],
+               "loss_max_rel_diff": max_rel, "matmul_ceiling_flops": ceiling,
+               "ours_flops": tps["ours"] * flops_token, "ours_mfu": tps["ours"] * flops_token / ceiling,
+               "hf_mfu": tps["hf"] * flops_token / ceiling}
+        if not args.no_compile:
+            torch.manual_seed(0)
+            compiled_model = Decoder(cfg).train()
+            compiled = Runner("compiled", torch.compile(compiled_model), ours_fwd, batches, dtype)
+            start = time.perf_counter(); compiled.step(); compiled.step(); row["compile_s"] = time.perf_counter() - start
+            tps_c = throughput([ours, compiled], args.rounds, args.steps_per_round, tokens_per_step)
+            row["compiled_tok_s"] = tps_c["compiled"]; row["compile_speedup"] = tps_c["compiled"] / tps_c["ours"]
+        rows.append(row)
+        results[dtype_name] = row
+
+    print(f"{args.preset}: {results['params'] / 1e6:.2f} M params, batch {args.batch} x {args.seq} tokens, "
+          f"{results['threads']} threads, {flops_token / 1e6:.2f} MFLOPs/token (6N + attention)")
+    print(f"{'dtype':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'loss rel diff':>13} | "
+          f"{'ceiling GFLOP/s':>15} | {'ours MFU':>8} | {'HF MFU':>6} | {'compiled tok/s':>14} | {'compile x':>9}")
+    for r in rows:
+        print(f"{r['dtype']:>5} | {r['ours_tok_s']:>10,.0f} | {r['hf_tok_s']:>9,.0f} | {r['ratio']:>7.2f} | {r['loss_max_rel_diff']:>13.1e} | "
+              f"{r['matmul_ceiling_flops'] / 1e9:>15.1f} | {r['ours_mfu']:>8.1%} | {r['hf_mfu']:>6.1%} | "
+              f"{r.get('compiled_tok_s', float('nan')):>14,.0f} | {r.get('compile_speedup', float('nan')):>9.2f}")
+    for r in rows:
+        print(f"{r['dtype']} first losses  ours: {[round(v, 5) for v in r['first_losses_ours']]}")
+        print(f"{r['dtype']} first losses    HF: {[round(v, 5) for v in r['first_losses_hf']]}")
+    print(json.dumps({"bench": "train", **results}))
+    if rows[0]["loss_max_rel_diff"] > 1e-4:
+        sys.exit(f"fp32 losses differ from transformers by {rows[0]['loss_max_rel_diff']:.1e}")
+
+
+if __name__ == "__main__":
+    main()
