@@ -498,7 +498,7 @@ def plot_log(path: str | Path, png: str | Path | None = None, title: str = "pret
     if png is not None: fig.savefig(png, dpi=110)
     return fig
 
-# %% ../nbs/04_pretrain.ipynb #ba6e2afe
+# %% ../nbs/04_pretrain.ipynb #9fc87315
 def parse_overrides(args: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     "TrainConfig from 'key=value' arguments; data=, out=, tokenizer= and resume= are returned separately."
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__" and Path(sys.argv[0]).name == "pretrain.py": main()   # not when a notebook runs this cell
 
-# %% ../nbs/04_pretrain.ipynb #4a88033b
+# %% ../nbs/04_pretrain.ipynb #c24dfe67
 def _fallback_tokens(ctx: RunContext) -> Path:
     from course_lib.core import read_corpus
     docs_path = ctx.run_dir / "corpus" / "docs.jsonl"
@@ -556,7 +556,7 @@ def pretrain_stage(ctx: RunContext) -> str:
             f"validation loss {summary['val_loss']:.3f} nats/token. Model in Hugging Face layout: `pretrain/model/`."
             f"{note}\n\n![loss](pretrain/loss.png)\n\nA sample (temperature 0.8, top-k 50):\n\n```\n{sample}\n```\n")
 
-# %% ../nbs/04_pretrain.ipynb #7a3beb35
+# %% ../nbs/04_pretrain.ipynb #80a7ebe8
 def _find_model(run: str | None) -> Path | None:
     if run is not None:
         for candidate in (Path(run), Path(run) / "pretrain" / "model", Path(run) / "model"):

@@ -217,7 +217,7 @@ def _torchrun(strategy: str, tokens: Path, out: Path, cfg: TrainConfig, port: in
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_processes_match_single_process(strategy, tokens, tmp_path):
     cfg = dataclasses.replace(TINY, steps=4, batch_size=2, eval_every=0, ckpt_every=0, grad_accum=1)
     single = dataclasses.replace(cfg, batch_size=4)                        # the same global batch in one process
