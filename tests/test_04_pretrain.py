@@ -207,10 +207,10 @@ def test_resume_after_sigkill_mid_step(tokens, tmp_path):
 
 # --- several processes --------------------------------------------------------------------------
 
-def _torchrun(strategy: str, tokens: Path, out: Path, cfg: TrainConfig, port: int) -> subprocess.CompletedProcess:
+def _torchrun(strategy: str, tokens: Path, out: Path, cfg: TrainConfig, port: int, extra=()) -> subprocess.CompletedProcess:
     args = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in ("strategy",)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "course_lib.pretrain", f"data={tokens}", f"out={out}", f"strategy={strategy}", *args]
+           "-m", "course_lib.pretrain", f"data={tokens}", f"out={out}", f"strategy={strategy}", *args, *extra]
     env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CAMP_PROGRESS": "0"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
 
@@ -241,3 +241,26 @@ def test_two_processes_match_single_process(strategy, tokens, tmp_path):
         # a weight by a visible fraction of one step (lr = 3e-3), so bound the worst element loosely, the mean tightly
         diff = (pa - pb).abs()
         assert diff.max().item() < 1e-4 and diff.mean().item() < 1e-7, (name, diff.max().item(), diff.mean().item())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_two_processes_resume_exactly(strategy, tokens, tmp_path):
+    "Stopped after 2 of 4 steps (FSDP: gathered one-file checkpoint; ZeRO: DeepSpeed's sharded one), resumed, equal to one process."
+    cfg = dataclasses.replace(TINY, steps=4, batch_size=2, eval_every=0, ckpt_every=1, grad_accum=1)
+    torch.set_num_threads(1)
+    try:
+        train(dataclasses.replace(cfg, batch_size=4), tokens, tmp_path / "single")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    out = tmp_path / strategy
+    for extra in (["stop_at=2"], []):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
+        proc = _torchrun(strategy, tokens, out, cfg, port, extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        if extra: assert len(losses(out)) == 2
+    np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), rtol=1e-5)
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["losses"]) == 2                                      # the second process ran steps 3 and 4 only
