@@ -8,6 +8,7 @@ reported, so a machine shared with other jobs slows both alike.
 
     .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, batch 16 x 128 tokens
     .venv/bin/python benchmarks/bench_train.py --preset gpu-25m --batch 8 --seq 256 --no-compile
+    .venv/bin/python benchmarks/bench_train.py --device cuda --preset gpu-125m --batch 16 --seq 1024   # on a GPU
 Ends with one JSON line.
 """
 import argparse
@@ -53,7 +54,7 @@ class Runner:
 
     def step(self) -> float:
         x, y = self.batches[self.i % len(self.batches)]; self.i += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             logits = self.logits_of(self.model, x)                      # (b, t, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
@@ -61,24 +62,29 @@ class Runner:
         return loss.item()
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
-    "FLOP/s of the best of several n x n matmuls: the most this CPU does in this dtype."
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device):
+    if device.type == "cuda": torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    "FLOP/s of the best of several n x n matmuls: the most this device does in this dtype."
+    if device.type == "cuda": n = 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3): a @ b
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
+        sync(device); start = time.perf_counter(); a @ b; sync(device); best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 
 
-def throughput(runners, rounds: int, steps_per_round: int, tokens_per_step: int) -> dict[str, float]:
+def throughput(runners, rounds: int, steps_per_round: int, tokens_per_step: int, device: torch.device) -> dict[str, float]:
     "Median tokens/s per runner over interleaved rounds."
     per = {r.name: [] for r in runners}
     for _ in range(rounds):
         for r in runners:
-            start = time.perf_counter()
+            sync(device); start = time.perf_counter()
             for _ in range(steps_per_round): r.step()
-            per[r.name].append(steps_per_round * tokens_per_step / (time.perf_counter() - start))
+            sync(device); per[r.name].append(steps_per_round * tokens_per_step / (time.perf_counter() - start))
     return {name: statistics.median(v) for name, v in per.items()}
 
 
@@ -92,31 +98,34 @@ def main(argv=None):
     p.add_argument("--compare-steps", type=int, default=5, help="steps whose losses must agree")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
 
     tokens = byte_tokens(2_000_000)
     cfg = get_config(args.preset, vocab_size=256, max_seq_len=max(args.seq, 256))
     rng = np.random.default_rng(0)
-    batches = [get_batch(tokens, args.batch, args.seq, rng) for _ in range(16)]
+    device = torch.device(args.device)
+    batches = [get_batch(tokens, args.batch, args.seq, rng, device) for _ in range(16)]
     tokens_per_step = args.batch * args.seq
     flops_token = flops_per_token(cfg, args.seq)["total"]
     ours_fwd = lambda m, x: m(x)
     hf_fwd = lambda m, x: m(input_ids=x, use_cache=False).logits
     results = {"preset": args.preset, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
-               "seq_len": args.seq, "threads": torch.get_num_threads(), "flops_per_token": flops_token}
+               "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "flops_per_token": flops_token}
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         torch.manual_seed(0)
         ours_model = Decoder(cfg).train()
-        hf_model = hf_twin(ours_model)
+        hf_model = hf_twin(ours_model).to(device)
+        ours_model = ours_model.to(device)
         ours = Runner("ours", ours_model, ours_fwd, batches, dtype)
         hf = Runner("hf", hf_model, hf_fwd, batches, dtype)
         # the first steps: identical weights, data and optimiser -> the same losses
         loss_pairs = [(ours.step(), hf.step()) for _ in range(args.compare_steps)]
         max_rel = max(abs(a - b) / abs(b) for a, b in loss_pairs)
-        tps = throughput([ours, hf], args.rounds, args.steps_per_round, tokens_per_step)
-        ceiling = matmul_ceiling(dtype)
+        tps = throughput([ours, hf], args.rounds, args.steps_per_round, tokens_per_step, device)
+        ceiling = matmul_ceiling(dtype, device)
         row = {"dtype": dtype_name, "ours_tok_s": tps["ours"], "hf_tok_s": tps["hf"], "ratio": tps["ours"] / tps["hf"],
                "first_losses_ours": [a for a, _ in loss_pairs], "first_losses_hf": [b for _, b in loss_pairs],
                "loss_max_rel_diff": max_rel, "matmul_ceiling_flops": ceiling,
@@ -124,10 +133,10 @@ def main(argv=None):
                "hf_mfu": tps["hf"] * flops_token / ceiling}
         if not args.no_compile:
             torch.manual_seed(0)
-            compiled_model = Decoder(cfg).train()
+            compiled_model = Decoder(cfg).train().to(device)
             compiled = Runner("compiled", torch.compile(compiled_model), ours_fwd, batches, dtype)
             start = time.perf_counter(); compiled.step(); compiled.step(); row["compile_s"] = time.perf_counter() - start
-            tps_c = throughput([ours, compiled], args.rounds, args.steps_per_round, tokens_per_step)
+            tps_c = throughput([ours, compiled], args.rounds, args.steps_per_round, tokens_per_step, device)
             row["compiled_tok_s"] = tps_c["compiled"]; row["compile_speedup"] = tps_c["compiled"] / tps_c["ours"]
         rows.append(row)
         results[dtype_name] = row
