@@ -580,7 +580,7 @@ def pretrain_stage(ctx: RunContext) -> str:
             f"validation loss {summary['val_loss']:.3f} nats/token. Model in Hugging Face layout: `pretrain/model/`."
             f"{note}\n\n![loss](pretrain/loss.png)\n\nA sample (temperature 0.8, top-k 50):\n\n```\n{sample}\n```\n")
 
-# %% ../nbs/04_pretrain.ipynb #80a7ebe8
+# %% ../nbs/04_pretrain.ipynb #a25622d0
 def _find_model(run: str | None) -> Path | None:
     if run is not None:
         for candidate in (Path(run), Path(run) / "pretrain" / "model", Path(run) / "model"):
@@ -610,7 +610,7 @@ def generate_demo(run: str | None = None):
     encode = (lambda text: tokenizer.encode(text).ids) if tokenizer else (lambda text: list(text.encode("utf-8")))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer else decode_ids
     def piece(i: int) -> str:
-        return repr(decode([i]))[1:-1] or f"<{i}>"
+        return repr(decode([i]))[1:-1].replace(" ", "␣") or f"<{i}>"      # visible spaces in the chart
 
     def run_model(prompt: str, max_new: float, temperature: float, top_k: float, top_p: float, seed: float):
         ids = encode(prompt) or [0]
