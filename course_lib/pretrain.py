@@ -232,7 +232,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) <= 0: raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
 
-# %% ../nbs/04_pretrain.ipynb #3ebffa45
+# %% ../nbs/04_pretrain.ipynb #1cd09f05
 def atomic_save(obj: Any, path: str | Path) -> Path:
     "torch.save to path.tmp, fsync, then rename over path: readers never see a partial file."
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
@@ -242,12 +242,14 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 def rng_state(data_rng: np.random.Generator) -> dict:
+    "Every generator a run draws from: the data sampler's, torch's (CPU and CUDA), Python's and NumPy's global ones."
     return {"data": data_rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
+            "numpy": np.random.get_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 def set_rng_state(state: dict, data_rng: np.random.Generator):
     data_rng.bit_generator.state = state["data"]; torch.set_rng_state(state["torch"])
     random.setstate(state["python"]); np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/04_pretrain.ipynb #b048f0aa
 def dist_info() -> tuple[int, int, int]:
