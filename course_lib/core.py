@@ -6,10 +6,11 @@
 __all__ = ['DTYPES', 'READERS', 'STAGES', 'DEMOS', 'set_seed', 'get_device', 'resolve_dtype', 'dtype_bytes', 'human_bytes',
            'stable_hash', 'split_of', 'run_dir', 'progress', 'Settings', 'SettingsError', 'find_settings_file',
            'load_settings', 'embedded_corpus', 'limit_records', 'read_corpus', 'RunContext', 'Stage', 'stage', 'demo',
-           'discover', 'write_jsonl', 'corpus_stage', 'corpus_demo']
+           'discover', 'atomic_path', 'newest_artifact', 'write_jsonl', 'corpus_stage', 'corpus_demo']
 
-# %% ../nbs/00_core.ipynb #80bef1ae
+# %% ../nbs/00_core.ipynb #7f020c00
 import configparser
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -342,15 +343,33 @@ def discover() -> dict[str, str]:
         except Exception as e: failed[info.name] = f"{type(e).__name__}: {e}"  # a broken chapter must not hide the others
     return failed
 
-# %% ../nbs/00_core.ipynb #728abe99
-def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
-    "Write records one JSON object per line (atomically: a temp file renamed into place); returns the count."
+# %% ../nbs/00_core.ipynb #fa177957
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed over `path`, so
+    readers never see a half-written file (and a crash leaves the old file intact)."""
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def newest_artifact(relative: str, run: str | Path | None = None) -> Path | None:
+    "`run/relative` if `run` is given, else the newest `runs/*/relative`; None when there is none."
+    if run is not None:
+        candidate = Path(run) / relative
+        return candidate if candidate.exists() else None
+    found = sorted(Path("runs").glob(f"*/{relative}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
+    "Write records one JSON object per line, atomically; returns the count."
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n"); n += 1
-    tmp.replace(path)
     return n
 
 @stage("corpus", order=0)

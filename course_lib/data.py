@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import (READERS, RunContext, demo, human_bytes, progress, read_corpus, stage,
+from .core import (READERS, atomic_path, newest_artifact, RunContext, demo, human_bytes, progress, read_corpus, stage,
                              write_jsonl, embedded_corpus, limit_records, load_settings, Settings)
 
 # %% ../nbs/01_data.ipynb #aa8e2a98
@@ -210,9 +210,8 @@ def write_shards(records: Iterable[dict], out_dir: str | Path, fmt: str = "jsonl
 def write_parquet(records: Sequence[dict], path: str | Path) -> int:
     "Write records (id, text, meta struct) to one Parquet file, atomically; returns the count."
     import pyarrow as pa, pyarrow.parquet as pq
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(list(records)), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(list(records)), tmp)
     return len(records)
 
 # %% ../nbs/01_data.ipynb #739b9eb6
@@ -742,8 +741,8 @@ def _map_shard(index: int, records: list[dict], cfg: CleanConfig, work: Path) ->
     if hasher:
         sig = np.stack(signatures) if signatures else np.zeros((0, cfg.num_perm), dtype=np.uint32)
         np.save(_part(work, index, ".sig.npy"), sig)
-    done = _part(work, index, ".done.json"); tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(accounts.to_dict()));  tmp.replace(done)  # written last: the shard's commit point
+    with atomic_path(_part(work, index, ".done.json")) as done:  # written last: the shard's commit point
+        done.write_text(json.dumps(accounts.to_dict()))
     return len(records)
 
 def _read_jsonl_rows(path: Path) -> Iterator[dict]:
@@ -996,9 +995,7 @@ def data_demo(run: str | None = None):
     import gradio as gr
     cfg = CleanConfig()
     funnel_png = None
-    candidates = [Path(run)] if run else sorted(Path("runs").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if Path("runs").exists() else []
-    for folder in candidates:
-        if (folder / "data" / "funnel.png").exists(): funnel_png = str(folder / "data" / "funnel.png"); break
+    if found := newest_artifact("data/funnel.png", run): funnel_png = str(found)
 
     def check(text: str, kind: str):
         rows = explain(text or "", cfg, kind)

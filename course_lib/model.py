@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import dtype_bytes, human_bytes
+from .core import atomic_path, dtype_bytes, human_bytes
 
 # %% ../nbs/03_model.ipynb #ff380fb3
 @dataclass(frozen=True)
@@ -424,10 +424,9 @@ def next_token_probs(model: Decoder, idx: torch.Tensor, temperature: float = 1.0
 # %% ../nbs/03_model.ipynb #c5a902f1
 def save_model(model: Decoder, path: str | Path) -> Path:
     "Save config + weights to one file (atomically)."
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp)
+    return Path(path)
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     "A Decoder from save_model's file, or from a Hugging Face folder."

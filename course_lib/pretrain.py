@@ -16,9 +16,10 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import RunContext, get_device, progress, resolve_dtype, set_seed, split_of, stage, demo
-from .model import Decoder, ModelConfig, export_hf, generate, get_config, next_token_probs, from_hf, n_params
+from .core import RunContext, atomic_path, get_device, newest_artifact, progress, resolve_dtype, set_seed, split_of, stage, demo
+from .model import Decoder, export_hf, generate, get_config, next_token_probs, from_hf, n_params
 
 # %% ../nbs/04_pretrain.ipynb #098bffa9
 def write_token_files(splits: dict[str, np.ndarray], out_dir: str | Path, vocab_size: int, eos_id: int) -> Path:
@@ -234,12 +235,10 @@ class TrainConfig:
 
 # %% ../nbs/04_pretrain.ipynb #1cd09f05
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    "torch.save to path.tmp, fsync, then rename over path: readers never see a partial file."
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    "torch.save to a temporary file renamed over `path` (core.atomic_path): readers never see a partial file."
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 def rng_state(data_rng: np.random.Generator) -> dict:
     "Every generator a run draws from: the data sampler's, torch's (CPU and CUDA), Python's and NumPy's global ones."
@@ -588,8 +587,8 @@ def _find_model(run: str | None) -> Path | None:
         for candidate in (Path(run), Path(run) / "pretrain" / "model", Path(run) / "model"):
             if (candidate / "config.json").is_file(): return candidate
         raise FileNotFoundError(f"no Hugging Face model folder (config.json) in {run}, {run}/pretrain/model or {run}/model")
-    found = sorted(Path("runs").glob("*/pretrain/model/config.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
+    found = newest_artifact("pretrain/model/config.json")
+    return found.parent if found else None
 
 def _tiny_byte_model(folder: Path) -> Path:
     from course_lib.core import embedded_corpus

@@ -25,7 +25,7 @@ import numpy as np
 import regex
 from fastcore.basics import patch
 
-from .core import RunContext, demo, human_bytes, read_corpus, split_of, stage
+from .core import RunContext, demo, human_bytes, newest_artifact, read_corpus, split_of, stage
 
 # %% ../nbs/02_tokenizer.ipynb #99f33898
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -670,8 +670,7 @@ def render_tokens_html(tok: Tokenizer, text: str) -> str:
 def _find_run_tokenizer(run: str | Path | None) -> Path | None:
     "tokenizer.camp.json in `run`, else in the newest run folder under ./runs that has one."
     if run: return next((p for p in [Path(run) / "tokenizer" / "tokenizer.camp.json", Path(run) / "tokenizer.camp.json"] if p.is_file()), None)
-    found = sorted(Path("runs").glob("*/tokenizer/tokenizer.camp.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    return newest_artifact("tokenizer/tokenizer.camp.json")
 
 @demo("tokenizer")
 def tokenizer_demo(run: str | None = None):
