@@ -19,6 +19,14 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**(base | kw))
 
 
+def small_hf_llama() -> LlamaForCausalLM:
+    "A randomly initialised transformers Llama with GQA (6 query heads, 2 kv heads) and an untied head."
+    config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("tied,kv", [(True, 2), (False, 4), (False, 1)])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied, kv):
     torch.manual_seed(0)
@@ -50,16 +58,67 @@ def test_export_with_tokenizer_files(tmp_path):
 
 def test_import_a_checkpoint_written_by_transformers(tmp_path):
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config).eval()
+    hf = small_hf_llama()
     hf.save_pretrained(tmp_path)
     ours = from_hf(tmp_path)
     assert ours.cfg.n_kv_heads == 2 and ours.cfg.rope_theta == 20000.0 and ours.cfg.norm_eps == 1e-6
     idx = torch.randint(0, 101, (2, 50))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-5
+
+
+def _internlm2_folder(hf: "LlamaForCausalLM", path):
+    "Write `hf`'s weights as InternLM2 does (renamed; q, k, v of each layer packed into one wqkv, grouped per kv head)."
+    c = hf.config
+    hd, group = c.hidden_size // c.num_attention_heads, c.num_attention_heads // c.num_key_value_heads
+    names = {"embed_tokens": "tok_embeddings", "self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+             "mlp.down_proj": "feed_forward.w2"}
+    sd = {}
+    for name, w in hf.state_dict().items():
+        if "q_proj" in name or "k_proj" in name or "v_proj" in name: continue
+        if name == "lm_head.weight": sd["output.weight"] = w; continue
+        for llama, internlm in names.items(): name = name.replace(f".{llama}.", f".{internlm}.")
+        sd[name] = w
+    for i in range(c.num_hidden_layers):
+        attn = hf.model.layers[i].self_attn
+        rows = []
+        for j in range(c.num_key_value_heads):                   # InternLM2 reads rows as (kv head, [queries.., key, value], hd)
+            for h in range(j * group, (j + 1) * group): rows.append(attn.q_proj.weight[h * hd:(h + 1) * hd])
+            rows.append(attn.k_proj.weight[j * hd:(j + 1) * hd]); rows.append(attn.v_proj.weight[j * hd:(j + 1) * hd])
+        sd[f"model.layers.{i}.attention.wqkv.weight"] = torch.cat(rows)
+    from safetensors.torch import save_file
+    path.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False, "hidden_act": "silu",
+              "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+              "num_key_value_heads": c.num_key_value_heads, "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+              "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps, "rope_theta": 20000.0,
+              "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (path / "config.json").write_text(json.dumps(config))
+    return sd
+
+
+def test_import_an_internlm2_checkpoint(tmp_path):
+    torch.manual_seed(4)
+    hf = small_hf_llama()
+    sd = _internlm2_folder(hf, tmp_path / "internlm2")
+    ours = from_hf(tmp_path / "internlm2")
+    assert (ours.cfg.n_heads, ours.cfg.n_kv_heads, ours.cfg.rope_theta, ours.cfg.max_seq_len) == (6, 2, 20000.0, 128)
+    idx = torch.randint(0, 101, (2, 50))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-5
+    assert from_hf(tmp_path / "internlm2", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    # a wqkv packed for another head count is named in the error
+    sd["model.layers.1.attention.wqkv.weight"] = sd["model.layers.1.attention.wqkv.weight"][:-8]
+    from safetensors.torch import save_file
+    save_file(sd, str(tmp_path / "internlm2" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.layers.1.attention.wqkv.weight: shape \(72, 48\), expected \(80, 48\)"):
+        from_hf(tmp_path / "internlm2")
+    cfg = json.loads((tmp_path / "internlm2" / "config.json").read_text())
+    (tmp_path / "internlm2" / "config.json").write_text(json.dumps(cfg | {"rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
+        from_hf(tmp_path / "internlm2")
 
 
 def test_gradients_match_transformers(tmp_path):
