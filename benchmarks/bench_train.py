@@ -3,7 +3,8 @@
 Same config, same data, same process, same optimiser (torch.optim.AdamW) and loss (F.cross_entropy):
 tokens/s for fp32 and bf16 autocast, ours / HF ratio, losses of the first steps side by side,
 achieved FLOP/s against a measured matmul ceiling (the MFU of this CPU), and torch.compile's effect
-on ours. Measurements are interleaved (a round of ours, a round of HF, ...) and the median round is
+on both (ours compiled vs HF compiled is the like-for-like compiled comparison). bf16 is measured only
+where the device has fast bf16 kernels (on a CPU: AVX-512), unless --dtypes asks. Measurements are interleaved (a round of ours, a round of HF, ...) and the median round is
 reported, so a machine shared with other jobs slows both alike.
 
     .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, batch 16 x 128 tokens
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from course_lib.core import embedded_corpus
+from course_lib.core import embedded_corpus, fast_bf16
 from course_lib.model import Decoder, get_config, hf_config, flops_per_token, to_hf_state_dict
 from course_lib.pretrain import get_batch
 
@@ -99,6 +100,7 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16; auto: bf16 only where it is fast")
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
 
@@ -111,10 +113,14 @@ def main(argv=None):
     flops_token = flops_per_token(cfg, args.seq)["total"]
     ours_fwd = lambda m, x: m(x)
     hf_fwd = lambda m, x: m(input_ids=x, use_cache=False).logits
+    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    dtypes = args.dtypes.split(",") if args.dtypes != "auto" else ["fp32"] + (["bf16"] if fast_bf16(device) else [])
     results = {"preset": args.preset, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
-               "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "flops_per_token": flops_token}
+               "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "isa": isa,
+               "fast_bf16": fast_bf16(device), "flops_per_token": flops_token}
     rows = []
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for dtype_name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         torch.manual_seed(0)
         ours_model = Decoder(cfg).train()
         hf_model = hf_twin(ours_model).to(device)
@@ -131,24 +137,31 @@ def main(argv=None):
                "loss_max_rel_diff": max_rel, "matmul_ceiling_flops": ceiling,
                "ours_flops": tps["ours"] * flops_token, "ours_mfu": tps["ours"] * flops_token / ceiling,
                "hf_mfu": tps["hf"] * flops_token / ceiling}
-        if not args.no_compile:
+        if not args.no_compile:                                          # fresh twins, compiled (inductor)
             torch.manual_seed(0)
-            compiled_model = Decoder(cfg).train().to(device)
-            compiled = Runner("compiled", torch.compile(compiled_model), ours_fwd, batches, dtype)
-            start = time.perf_counter(); compiled.step(); compiled.step(); row["compile_s"] = time.perf_counter() - start
-            tps_c = throughput([ours, compiled], args.rounds, args.steps_per_round, tokens_per_step, device)
-            row["compiled_tok_s"] = tps_c["compiled"]; row["compile_speedup"] = tps_c["compiled"] / tps_c["ours"]
+            fresh = Decoder(cfg).train()
+            ours_c = Runner("ours_compiled", torch.compile(fresh.to(device)), ours_fwd, batches, dtype)
+            hf_c = Runner("hf_compiled", torch.compile(hf_twin(fresh).to(device)), hf_fwd, batches, dtype)
+            for r in (ours_c, hf_c):
+                start = time.perf_counter(); r.step(); r.step(); row[f"{r.name}_warmup_s"] = time.perf_counter() - start
+            tps_c = throughput([ours, ours_c, hf, hf_c], args.rounds, args.steps_per_round, tokens_per_step, device)
+            row |= {"compiled_tok_s": tps_c["ours_compiled"], "hf_compiled_tok_s": tps_c["hf_compiled"],
+                    "compile_speedup": tps_c["ours_compiled"] / tps_c["ours"],
+                    "compiled_ratio": tps_c["ours_compiled"] / tps_c["hf_compiled"]}
         rows.append(row)
         results[dtype_name] = row
 
     print(f"{args.preset}: {results['params'] / 1e6:.2f} M params, batch {args.batch} x {args.seq} tokens, "
-          f"{results['threads']} threads, {flops_token / 1e6:.2f} MFLOPs/token (6N + attention)")
+          f"{results['threads']} threads, {flops_token / 1e6:.2f} MFLOPs/token (6N + attention), {isa}, fast bf16: {results['fast_bf16']}")
     print(f"{'dtype':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'loss rel diff':>13} | "
-          f"{'ceiling GFLOP/s':>15} | {'ours MFU':>8} | {'HF MFU':>6} | {'compiled tok/s':>14} | {'compile x':>9}")
+          f"{'ceiling GFLOP/s':>15} | {'ours MFU':>8} | {'HF MFU':>6} | {'ours+compile':>12} | {'HF+compile':>10} | "
+          f"{'compile x':>9} | {'compiled ours/HF':>16}")
+    nan = float("nan")
     for r in rows:
         print(f"{r['dtype']:>5} | {r['ours_tok_s']:>10,.0f} | {r['hf_tok_s']:>9,.0f} | {r['ratio']:>7.2f} | {r['loss_max_rel_diff']:>13.1e} | "
               f"{r['matmul_ceiling_flops'] / 1e9:>15.1f} | {r['ours_mfu']:>8.1%} | {r['hf_mfu']:>6.1%} | "
-              f"{r.get('compiled_tok_s', float('nan')):>14,.0f} | {r.get('compile_speedup', float('nan')):>9.2f}")
+              f"{r.get('compiled_tok_s', nan):>12,.0f} | {r.get('hf_compiled_tok_s', nan):>10,.0f} | "
+              f"{r.get('compile_speedup', nan):>9.2f} | {r.get('compiled_ratio', nan):>16.2f}")
     for r in rows:
         print(f"{r['dtype']} first losses  ours: {[round(v, 5) for v in r['first_losses_ours']]}")
         print(f"{r['dtype']} first losses    HF: {[round(v, 5) for v in r['first_losses_hf']]}")

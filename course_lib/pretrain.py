@@ -18,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import RunContext, atomic_path, get_device, newest_artifact, progress, resolve_dtype, set_seed, split_of, stage, demo
+from .core import (
+    RunContext, atomic_path, demo, fast_bf16, get_device, newest_artifact, progress, resolve_dtype, set_seed, split_of, stage)
 from .model import Decoder, export_hf, generate, get_config, next_token_probs, from_hf, n_params
 
 # %% ../nbs/04_pretrain.ipynb #098bffa9
@@ -321,6 +323,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         raise RuntimeError("started by torchrun with several processes but strategy='single'; pass strategy=ddp|fsdp|zero1|zero2|zero3")
     is_main = rank == 0
     amp_dtype = resolve_dtype(cfg.dtype, device)
+    if amp_dtype == torch.bfloat16 and not fast_bf16(device):
+        warnings.warn(f"dtype=bfloat16 on a {device.type} without fast bfloat16 kernels ({torch.backends.cpu.get_cpu_capability()}, "
+                      "no AVX-512): training will be many times slower than in float32, which dtype=auto picks")
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
     data = load_tokens(data_dir)
@@ -487,7 +492,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         plot_log(log_path, out_dir / "loss.png")
     if world > 1:
         local = sum(p.detach().double().abs().sum().item() for p in model.parameters()) if cfg.strategy in ("ddp", "zero1", "zero2") else None
-        (out_dir / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "losses": losses, "local_param_abs_sum": local}))
+        zero_stage = engine.zero_optimization_stage() if engine is not None else None   # what DeepSpeed actually ran
+        (out_dir / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "losses": losses, "local_param_abs_sum": local,
+                                                                "zero_stage": zero_stage}))
         dist.barrier()
     return summary
 

@@ -1,5 +1,5 @@
 """Chapter 4: each from-scratch piece against PyTorch's own, exact resume (also after SIGKILL), and
-2-process DDP / FSDP / ZeRO-2 against single-process training on the same global batch."""
+2-process DDP / FSDP / ZeRO-1/2/3 against single-process training on the same global batch."""
 import dataclasses
 import json
 import math
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib.core import fast_bf16
 from course_lib.model import from_hf
 from course_lib.pretrain import (AdamW, CosineSchedule, TrainConfig, clip_grad_norm, cross_entropy, eval_batches,
                                  get_batch, load_tokens, param_groups, read_log, train, write_token_files)
@@ -160,8 +161,19 @@ def test_activation_checkpointing_and_bf16(tokens, tmp_path):
     plain = train(dataclasses.replace(TINY, steps=3, eval_every=0), tokens, tmp_path / "plain")
     ckpt = train(dataclasses.replace(TINY, steps=3, eval_every=0, activation_checkpointing=True), tokens, tmp_path / "ac")
     np.testing.assert_allclose(losses(tmp_path / "ac"), losses(tmp_path / "plain"), rtol=1e-5)
-    train(dataclasses.replace(TINY, steps=3, eval_every=0, dtype="bfloat16"), tokens, tmp_path / "bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(dataclasses.replace(TINY, steps=3, eval_every=0, dtype="bfloat16"), tokens, tmp_path / "bf16")
     np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "plain"), rtol=0.02)   # bf16: ~3 digits
+    slow_warned = any("without fast bfloat16" in str(w.message) for w in caught)
+    assert slow_warned == (not fast_bf16("cpu"))                           # warned exactly on CPUs that crawl in bf16
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or os.uname().machine != "x86_64", reason="reads x86 Linux CPU flags")
+def test_fast_bf16_agrees_with_the_cpu_flags():
+    "oneDNN's bf16 kernels need AVX-512 (F, BW, VL, DQ); the kernel's flag list is an independent reference."
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    assert fast_bf16("cpu") == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags)
 
 
 def test_resume_is_exact(tokens, tmp_path):
@@ -217,7 +229,7 @@ def _torchrun(strategy: str, tokens: Path, out: Path, cfg: TrainConfig, port: in
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_two_processes_match_single_process(strategy, tokens, tmp_path):
     cfg = dataclasses.replace(TINY, steps=4, batch_size=2, eval_every=0, ckpt_every=0, grad_accum=1)
     single = dataclasses.replace(cfg, batch_size=4)                        # the same global batch in one process
@@ -232,6 +244,7 @@ def test_two_processes_match_single_process(strategy, tokens, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / strategy / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["losses"] == ranks[1]["losses"]                          # every rank logs the same all-reduced loss
+    assert ranks[0]["zero_stage"] == (int(strategy[-1]) if strategy.startswith("zero") else None)
     if ranks[0]["local_param_abs_sum"] is not None:                          # replicas (DDP, ZeRO-1/2) hold equal weights
         assert ranks[0]["local_param_abs_sum"] == pytest.approx(ranks[1]["local_param_abs_sum"], rel=1e-12)
     np.testing.assert_allclose(ranks[0]["losses"], losses(tmp_path / "single"), rtol=1e-5)
