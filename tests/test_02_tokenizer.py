@@ -7,6 +7,8 @@ here (to show where our merges and HF's part, the counts tie).
 """
 import io
 import json
+import random
+import string
 import tracemalloc
 from collections import Counter
 
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import course_lib.tokenizer as tokenizer_module
 from course_lib.core import embedded_corpus
 from course_lib.tokenizer import (DEFAULT_SPECIALS, _count_file_range, chunk_boundaries, EOT, GPT4_PATTERN, Tokenizer, _from_unicode, apply_chat_template,
                                   count_pretokens, load_tokenizer, save_hf, save_tokenizer, to_transformers, train_bpe,
@@ -158,6 +161,25 @@ def test_round_trip_and_hf_agreement_property(trained, text):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert ids == hf.encode(text)
+
+
+def test_long_pre_tokens_equal_hf(trained):
+    "Pre-tokens far above LONG_WORD (one 30 kB word, long runs) take the heap route; ids must still be HF's."
+    rng = random.Random(5)
+    texts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(30_000)), "a" * 5000, " " * 3000 + "x",
+             "9" * 2000, "".join(rng.choice(string.ascii_letters + string.digits + "+/") for _ in range(20_000))]
+    for tok, hf in trained.values():
+        for text in texts:
+            assert tok.encode(text) == hf.encode(text), text[:40]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=text_strategy)
+def test_heap_route_equals_hf_on_any_text(trained, text, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "LONG_WORD", 0)                # every pre-token takes the heap route
+    for tok, hf in trained.values():
+        fresh = Tokenizer(tok.vocab, tok.merges, tok.special_tokens, pattern=tok.pattern)   # an empty cache
+        assert fresh.encode(text) == hf.encode(text)
 
 
 def test_special_tokens_longest_first(trained):
