@@ -1,13 +1,17 @@
 """Training throughput: our decoder vs transformers' LlamaForCausalLM with identical weights.
 
-Same config, same data, same process, same optimiser (torch.optim.AdamW) and loss (F.cross_entropy):
+Same config, same data, same process, same optimiser (torch.optim.AdamW), each model's own training
+path for the loss (ours: `model(x, targets=y)`, the loss fused into the head in chunks; transformers:
+`model(input_ids=x, labels=y, shift_labels=y).loss`, logits then cross-entropy), at the vocabulary of
+the course's chapter-2 tokenizer (8192, trained here on the same text) or on raw bytes (--vocab 256):
 tokens/s for fp32 and bf16 autocast, ours / HF ratio, losses of the first steps side by side,
 achieved FLOP/s against a measured matmul ceiling (the MFU of this CPU), and torch.compile's effect
 on both (ours compiled vs HF compiled is the like-for-like compiled comparison). bf16 is measured only
 where the device has fast bf16 kernels (on a CPU: AVX-512), unless --dtypes asks. Measurements are interleaved (a round of ours, a round of HF, ...) and the median round is
 reported, so a machine shared with other jobs slows both alike.
 
-    .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, batch 16 x 128 tokens
+    .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, vocab 8192, batch 16 x 128 tokens
+    .venv/bin/python benchmarks/bench_train.py --vocab 256      # byte tokens: the head is small
     .venv/bin/python benchmarks/bench_train.py --preset gpu-25m --batch 8 --seq 256 --no-compile
     .venv/bin/python benchmarks/bench_train.py --device cuda --preset gpu-125m --batch 16 --seq 1024   # on a GPU
 Ends with one JSON line.
@@ -21,18 +25,21 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from course_lib.core import embedded_corpus, fast_bf16
+from course_lib.tokenizer import Tokenizer, train_bpe
 from course_lib.model import Decoder, get_config, hf_config, flops_per_token, to_hf_state_dict
 from course_lib.pretrain import get_batch
 
 warnings.filterwarnings("ignore")
 
 
-def byte_tokens(max_bytes: int) -> np.ndarray:
-    "The embedded corpus as UTF-8 byte ids (the same data for both models)."
-    return np.frombuffer(b"".join(d["text"].encode() for d in embedded_corpus(max_bytes=max_bytes)), dtype=np.uint8).astype(np.uint16)
+def corpus_tokens(max_bytes: int, vocab_size: int) -> np.ndarray:
+    "The embedded corpus as token ids (the same data for both models): UTF-8 bytes, or a BPE tokenizer trained on it."
+    texts = [d["text"] for d in embedded_corpus(max_bytes=max_bytes)]
+    if vocab_size == 256: return np.frombuffer("".join(texts).encode(), dtype=np.uint8).astype(np.uint16)
+    tok = Tokenizer(*train_bpe(texts, vocab_size, ()), ())
+    return np.array([i for ids in tok.encode_batch(texts) for i in ids], dtype=np.uint16)
 
 
 def hf_twin(ours: Decoder):
@@ -48,16 +55,15 @@ def hf_twin(ours: Decoder):
 
 class Runner:
     "One model + optimiser; `step()` does forward, loss, backward and an AdamW step on the next batch."
-    def __init__(self, name, model, logits_of, batches, dtype):
-        self.name, self.model, self.logits_of, self.batches, self.dtype = name, model, logits_of, batches, dtype
+    def __init__(self, name, model, loss_of, batches, dtype):
+        self.name, self.model, self.loss_of, self.batches, self.dtype = name, model, loss_of, batches, dtype
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         self.i = 0
 
     def step(self) -> float:
         x, y = self.batches[self.i % len(self.batches)]; self.i += 1
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            logits = self.logits_of(self.model, x)                      # (b, t, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = self.loss_of(self.model, x, y)
         loss.backward()
         self.opt.step(); self.opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -92,6 +98,7 @@ def throughput(runners, rounds: int, steps_per_round: int, tokens_per_step: int,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu-1m")
+    p.add_argument("--vocab", type=int, default=8192, help="256: byte tokens; else a BPE tokenizer of this size")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
@@ -104,18 +111,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
 
-    tokens = byte_tokens(2_000_000)
-    cfg = get_config(args.preset, vocab_size=256, max_seq_len=max(args.seq, 256))
+    tokens = corpus_tokens(2_000_000, args.vocab)
+    cfg = get_config(args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq, 256))
     rng = np.random.default_rng(0)
     device = torch.device(args.device)
     batches = [get_batch(tokens, args.batch, args.seq, rng, device) for _ in range(16)]
     tokens_per_step = args.batch * args.seq
     flops_token = flops_per_token(cfg, args.seq)["total"]
-    ours_fwd = lambda m, x: m(x)
-    hf_fwd = lambda m, x: m(input_ids=x, use_cache=False).logits
+    ours_fwd = lambda m, x, y: m(x, targets=y)
+    hf_fwd = lambda m, x, y: m(input_ids=x, labels=y, shift_labels=y.contiguous(), use_cache=False).loss
     isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
     dtypes = args.dtypes.split(",") if args.dtypes != "auto" else ["fp32"] + (["bf16"] if fast_bf16(device) else [])
-    results = {"preset": args.preset, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
+    results = {"preset": args.preset, "vocab_size": args.vocab, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
                "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "isa": isa,
                "fast_bf16": fast_bf16(device), "flops_per_token": flops_token}
     rows = []
@@ -151,7 +158,7 @@ def main(argv=None):
         rows.append(row)
         results[dtype_name] = row
 
-    print(f"{args.preset}: {results['params'] / 1e6:.2f} M params, batch {args.batch} x {args.seq} tokens, "
+    print(f"{args.preset}: vocab {args.vocab}, {results['params'] / 1e6:.2f} M params, batch {args.batch} x {args.seq} tokens, "
           f"{results['threads']} threads, {flops_token / 1e6:.2f} MFLOPs/token (6N + attention), {isa}, fast bf16: {results['fast_bf16']}")
     print(f"{'dtype':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'loss rel diff':>13} | "
           f"{'ceiling GFLOP/s':>15} | {'ours MFU':>8} | {'HF MFU':>6} | {'ours+compile':>12} | {'HF+compile':>10} | "

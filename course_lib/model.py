@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'TOKENIZER_FILES', 'INTERNLM2_NAMES', 'ModelConfig', 'get_config', 'RMSNorm', 'rope_cos_sin', 'rotate_half',
-           'apply_rope', 'reference_attention', 'sdpa_attention', 'Attention', 'SwiGLU', 'Block', 'Decoder',
-           'count_params', 'n_params', 'flops_per_token', 'memory_estimate', 'hf_config', 'config_from_hf',
-           'to_hf_state_dict', 'export_hf', 'load_checkpoint_tensors', 'load_hf_state_dict', 'internlm2_to_llama',
-           'from_hf', 'filter_logits', 'generate', 'next_token_probs', 'save_model', 'load_model']
+           'apply_rope', 'reference_attention', 'sdpa_attention', 'Attention', 'SwiGLU', 'Block', 'LMHead', 'Decoder',
+           'count_params', 'n_params', 'flops_per_token', 'memory_estimate', 'linear_cross_entropy', 'hf_config',
+           'config_from_hf', 'to_hf_state_dict', 'export_hf', 'load_checkpoint_tensors', 'load_hf_state_dict',
+           'internlm2_to_llama', 'from_hf', 'filter_logits', 'generate', 'next_token_probs', 'save_model', 'load_model']
 
 # %% ../nbs/03_model.ipynb #13ea13bf
 import json
@@ -179,15 +179,21 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)       # (b, t, d_model)
         return x + self.mlp(self.post_attention_layernorm(x))           # (b, t, d_model)
 
+class LMHead(nn.Linear):
+    "The output projection d_model -> vocab; given targets, the mean loss from `linear_cross_entropy` instead of logits."
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None: return super().forward(x)                   # (..., vocab)
+        return linear_cross_entropy(x.flatten(0, -2), self.weight, targets.flatten())   # scalar
+
 class Decoder(nn.Module):
-    "Token ids (b, t) -> next-token logits (b, t, vocab)."
+    "Token ids (b, t) -> next-token logits (b, t, vocab), or with targets (b, t) the mean next-token loss."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings: self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False                             # recompute blocks in backward to save memory
         if self.embed_tokens.weight.device.type != "meta": self.reset_parameters()
@@ -204,7 +210,8 @@ class Decoder(nn.Module):
         "Route every layer through the hand-written attention (slow; for checks)."
         for layer in self.layers: layer.self_attn.use_reference = on
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         b, t = idx.shape                                                # (b, t) token ids
         if positions is None:
             if t > self.cfg.max_seq_len:
@@ -217,7 +224,7 @@ class Decoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)                                  # (b, t, d_model)
-        return self.lm_head(self.norm(x))                               # (b, t, vocab)
+        return self.lm_head(self.norm(x), targets)                      # (b, t, vocab), or the loss given targets
 
 # %% ../nbs/03_model.ipynb #50f5319f
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -247,7 +254,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> di
 
 # %% ../nbs/03_model.ipynb #6079c467
 def memory_estimate(cfg: ModelConfig, batch_size: int, seq_len: int, activation_dtype: torch.dtype = torch.float32,
-                    checkpointing: bool = False) -> dict[str, float]:
+                    checkpointing: bool = False, fused_loss: bool = False) -> dict[str, float]:
     "Bytes to train with AdamW: fp32 weights, grads, two Adam moments, and saved activations (an estimate)."
     n = count_params(cfg)["total"]
     tokens = batch_size * seq_len
@@ -260,9 +267,60 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, seq_len: int, activation_
         layers = cfg.n_layers * cfg.d_model * a + per_token_layer      # block inputs + one block recomputed
     else:
         layers = cfg.n_layers * per_token_layer
-    head = cfg.d_model * a + 2 * cfg.vocab_size * 4            # final-normed input, logits and their softmax in fp32
+    head = cfg.d_model * a + (0 if fused_loss else cfg.vocab_size * 4)   # normed input; the fp32 log-softmax
     return {"weights": 4 * n, "grads": 4 * n, "adam": 8 * n, "activations": tokens * (layers + head),
             "total": 16 * n + tokens * (layers + head)}
+
+# %% ../nbs/03_model.ipynb #ccaec692
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                           ignore_index: int, with_grads: bool):
+    "Mean cross-entropy of hidden @ weight.T, chunk by chunk; with_grads: also d loss/d hidden and d loss/d weight."
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype   # the matmuls' dtype
+    acc = torch.promote_types(dtype, torch.float32)                     # softmax and sums: at least fp32
+    n_kept = (targets != ignore_index).sum().clamp(min=1)
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if with_grads else None
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)                                            # (V, d)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows].to(dtype), targets[start:start + chunk_rows]   # (c, d), (c,)
+            keep, t = t != ignore_index, t.clamp(min=0)
+            logits = (h @ w.T).to(acc)                                  # (c, V): the only logits alive at a time
+            lse = torch.logsumexp(logits, dim=-1)                       # (c,)
+            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
+            if with_grads:
+                grad = logits.sub_(lse[:, None]).exp_()                 # (c, V) softmax, in place
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0   # d(lse - z[t])/dz = softmax - onehot
+                grad = grad.mul_((keep / n_kept)[:, None]).to(dtype)    # the mean over kept positions; ignored rows -> 0
+                grad_hidden[start:start + chunk_rows] = grad @ w        # (c, d)
+                grad_weight += grad.T @ h                               # (V, d), accumulated in (at least) fp32
+    grads = (grad_hidden, grad_weight.to(weight.dtype)) if with_grads else (None, None)
+    return loss / n_kept, *grads
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, ignore_index):
+        loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, chunk_rows, ignore_index, True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None,
+                         ignore_index: int = -100) -> torch.Tensor:
+    "Mean cross-entropy of the logits hidden @ weight.T without holding them all: hidden (n, d), weight (V, d), targets (n,)."
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden (n, d), weight (V, d), targets (n,); got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    chunk_rows = chunk_rows or max(256, 2**22 // weight.shape[0])       # ~16 MB of fp32 logits per chunk
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, ignore_index)
+    return _chunked_cross_entropy(hidden, weight, targets, chunk_rows, ignore_index, False)[0]
 
 # %% ../nbs/03_model.ipynb #e250b1b8
 def hf_config(cfg: ModelConfig) -> dict:

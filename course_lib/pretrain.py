@@ -225,6 +225,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False             # torch.compile the model
     impl: str = "ours"                # ours | torch: whose cross-entropy, AdamW and clipping
+    fused_loss: bool = True           # loss inside the head in chunks, no (b, t, V) logits; False: logits + impl's loss
     strategy: str = "single"          # single | ddp | fsdp | zero1 | zero2 | zero3 (the last four under torchrun)
     deepspeed_config: str = "configs/deepspeed_zero2.json"  # base DeepSpeed config; batch sizes, clip and stage filled in
     seed: int = 1337
@@ -292,8 +293,8 @@ def evaluate(model: nn.Module, tokens: np.ndarray, batch_size: int, seq_len: int
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_batches, device):
         with autocast or contextlib.nullcontext():
-            logits = model(x)                                            # (b, t, V)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item(); count += y.numel()
+            loss = model(x, targets=y)                                   # mean over the batch, no (b, t, V) logits
+        total += loss.item() * y.numel(); count += y.numel()
     model.train(was_training)
     return total / count
 
@@ -445,8 +446,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
             if cfg.strategy == "ddp" and micro < cfg.grad_accum - 1: sync = forward_model.no_sync()
             with sync:
                 with autocast:
-                    logits = forward_model(x)                            # (b, t, V)
-                loss = loss_fn(logits, y)
+                    out = forward_model(x, targets=y) if cfg.fused_loss else forward_model(x)   # the loss, or logits (b, t, V)
+                loss = out if cfg.fused_loss else loss_fn(out, y)
                 if engine is not None: engine.backward(loss); engine.step()   # DeepSpeed scales by 1/grad_accum itself
                 else: (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum

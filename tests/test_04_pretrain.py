@@ -135,9 +135,11 @@ def test_batches_and_bad_token_files(tokens, tmp_path):
 
 def test_training_learns_and_our_pieces_equal_torchs_in_the_loop(tokens, tmp_path):
     cfg = dataclasses.replace(TINY, steps=12, eval_every=6)
-    summary = train(cfg, tokens, tmp_path / "ours")
-    ref = train(dataclasses.replace(cfg, impl="torch"), tokens, tmp_path / "torch")
-    np.testing.assert_allclose(losses(tmp_path / "ours"), losses(tmp_path / "torch"), rtol=2e-5)
+    summary = train(cfg, tokens, tmp_path / "ours")                       # loss fused into the head (the default)
+    train(dataclasses.replace(cfg, fused_loss=False), tokens, tmp_path / "ours_logits")   # our cross_entropy on logits
+    ref = train(dataclasses.replace(cfg, impl="torch", fused_loss=False), tokens, tmp_path / "torch")
+    for run in ("ours", "ours_logits"):
+        np.testing.assert_allclose(losses(tmp_path / run), losses(tmp_path / "torch"), rtol=2e-5)
     assert losses(tmp_path / "ours")[0] == pytest.approx(math.log(256), abs=0.3)
     assert summary["val_loss"] < losses(tmp_path / "ours")[0] - 0.5
     for f in ("log.jsonl", "loss.png", "checkpoints/last.pt", "model/model.safetensors", "model/config.json"):
@@ -253,7 +255,7 @@ def test_two_processes_match_single_process(strategy, tokens, tmp_path):
         # Adam divides by sqrt(v): where a gradient is ~0, float rounding (summation order across ranks) can move
         # a weight by a visible fraction of one step (lr = 3e-3), so bound the worst element loosely, the mean tightly
         diff = (pa - pb).abs()
-        assert diff.max().item() < 1e-4 and diff.mean().item() < 1e-7, (name, diff.max().item(), diff.mean().item())
+        assert diff.max().item() < 1e-4 and diff.mean().item() < 1e-6, (name, diff.max().item(), diff.mean().item())
 
 
 @pytest.mark.slow
