@@ -443,6 +443,7 @@ def code_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
 # %% ../nbs/01_data.ipynb #9e15382e
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?=\d)(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_VERSION_WORD = re.compile(r"(?i)\b(?:version|release|ver\.?|build|rev\.?)\s*$")   # 'version 1.2.3.4' is no address
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\d)")
 _EMAIL = re.compile(r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-]|\.\w)")
 _PHONE = re.compile(r"""(?=[+(\d])(?<![\w+.\-/])(?:
@@ -485,7 +486,8 @@ def find_pii(text: str, kinds: Sequence[str] = PII_KINDS) -> list[tuple[int, int
             found += [(m.start(4), m.end(4)) for m in _ASSIGNED_SECRET.finditer(text) if _entropy(m.group(4)) >= 3.5]
         elif kind == "EMAIL": found = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
         elif kind == "IPV6": found = [m.span() for m in _IPV6.finditer(text) if _valid_ipv6(m.group())]
-        elif kind == "IPV4": found = [m.span() for m in _IPV4.finditer(text)]
+        elif kind == "IPV4":
+            found = [m.span() for m in _IPV4.finditer(text) if not _VERSION_WORD.search(text, max(0, m.start() - 16), m.start())]
         elif kind == "PHONE": found = [m.span() for m in _PHONE.finditer(text) if 10 <= sum(c.isdigit() for c in m.group()) <= 15]
         else: raise ValueError(f"unknown PII kind {kind!r}; known: {PII_KINDS}")
         for a, b in sorted(found):

@@ -154,6 +154,7 @@ PII_TABLE = [
     ('api_key = "9fQ2xZ7pLk3VbN8wR4tY"', 'api_key = "<SECRET>"'),
     # look-alikes that are not PII: unchanged
     ("release 1.2.3.4.5", None), ("octet 300.1.1.1", None), ("v1.2.3.4", None), ("a 1.2.3 version", None),
+    ("Version 2.0.1.3 is out", None), ("build 10.0.0.1", None), ("our server at 10.0.0.1", "our server at <IPV4>"),
     ("@dataclass", None), ("x = a@b.T", None), ("root@localhost", None), ("name@123.456", None),
     ("a[1::2] b[::3]", None), ("at 12:30:45", None), ("dead:beef", None),
     ("2024-01-15", None), ("pi is 3.14159265358", None), ("ISBN 978-0-306-40615-7", None),
