@@ -7,8 +7,9 @@ the course's chapter-2 tokenizer (8192, trained here on the same text) or on raw
 tokens/s for fp32 and bf16 autocast, ours / HF ratio, losses of the first steps side by side,
 achieved FLOP/s against a measured matmul ceiling (the MFU of this CPU), and torch.compile's effect
 on both (ours compiled vs HF compiled is the like-for-like compiled comparison). bf16 is measured only
-where the device has fast bf16 kernels (on a CPU: AVX-512), unless --dtypes asks. Measurements are interleaved (a round of ours, a round of HF, ...) and the median round is
-reported, so a machine shared with other jobs slows both alike.
+where the device has fast bf16 kernels (on a CPU: AVX-512), unless --dtypes asks. Measurements are
+interleaved (a round of ours, a round of HF, ...) and the median round is reported, so a machine shared
+with other jobs slows both alike.
 
     .venv/bin/python benchmarks/bench_train.py                  # cpu-1m, vocab 8192, batch 16 x 128 tokens
     .venv/bin/python benchmarks/bench_train.py --vocab 256      # byte tokens: the head is small
@@ -121,10 +122,11 @@ def main(argv=None):
     ours_fwd = lambda m, x, y: m(x, targets=y)
     hf_fwd = lambda m, x, y: m(input_ids=x, labels=y, shift_labels=y.contiguous(), use_cache=False).loss
     isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    dtypes = args.dtypes.split(",") if args.dtypes != "auto" else ["fp32"] + (["bf16"] if fast_bf16(device) else [])
-    results = {"preset": args.preset, "vocab_size": args.vocab, "params": sum(p.numel() for p in Decoder(cfg).parameters()), "batch": args.batch,
-               "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "isa": isa,
-               "fast_bf16": fast_bf16(device), "flops_per_token": flops_token}
+    bf16_is_fast = fast_bf16(device)
+    dtypes = args.dtypes.split(",") if args.dtypes != "auto" else ["fp32"] + (["bf16"] if bf16_is_fast else [])
+    results = {"preset": args.preset, "vocab_size": args.vocab, "params": sum(p.numel() for p in Decoder(cfg).parameters()),
+               "batch": args.batch, "seq_len": args.seq, "threads": torch.get_num_threads(), "device": str(device), "isa": isa,
+               "fast_bf16": bf16_is_fast, "flops_per_token": flops_token}
     rows = []
     for dtype_name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]

@@ -393,22 +393,17 @@ def export_hf(model: Decoder, path: str | Path, tokenizer: str | Path | None = N
 
 # %% ../nbs/03_model.ipynb #ea8f472b
 def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    "All tensors of a Hugging Face folder: model.safetensors, a sharded index, or pytorch_model.bin."
+    "All tensors of a Hugging Face folder: model.safetensors or pytorch_model.bin, whole or sharded under an index."
     from safetensors.torch import load_file
     path = Path(path)
-    if (path / "model.safetensors").is_file(): return load_file(str(path / "model.safetensors"))
-    if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        sd = {}
-        for shard in sorted(set(index["weight_map"].values())): sd.update(load_file(str(path / shard)))
-        return sd
-    if (path / "pytorch_model.bin").is_file(): return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    if (path / "pytorch_model.bin.index.json").is_file():
-        index = json.loads((path / "pytorch_model.bin.index.json").read_text())
-        sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(torch.load(path / shard, map_location="cpu", weights_only=True))
-        return sd
+    loaders = {"model.safetensors": lambda f: load_file(str(f)),
+               "pytorch_model.bin": lambda f: torch.load(f, map_location="cpu", weights_only=True)}
+    for name, load in loaders.items():
+        if (path / name).is_file(): return load(path / name)
+        if (index := path / f"{name}.index.json").is_file():
+            sd = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())): sd.update(load(path / shard))
+            return sd
     raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or a sharded index of either in {path}")
 
 def load_hf_state_dict(model: Decoder, sd: dict[str, torch.Tensor]) -> Decoder:

@@ -325,8 +325,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     is_main = rank == 0
     amp_dtype = resolve_dtype(cfg.dtype, device)
     if amp_dtype == torch.bfloat16 and not fast_bf16(device):
-        warnings.warn(f"dtype=bfloat16 on a {device.type} without fast bfloat16 kernels ({torch.backends.cpu.get_cpu_capability()}, "
-                      "no AVX-512): training will be many times slower than in float32, which dtype=auto picks")
+        why = f"{torch.backends.cpu.get_cpu_capability()}, no AVX-512" if device.type == "cpu" else "no bf16 support"
+        warnings.warn(f"dtype=bfloat16 on a {device.type} without fast bfloat16 kernels ({why}): training will be "
+                      "many times slower than in float32, which dtype=auto picks")
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
     data = load_tokens(data_dir)

@@ -354,7 +354,7 @@ class Tokenizer:
     def _encode_word(self, word: str) -> list[int]:
         "Apply merges by rank to one pre-token: the lowest-ranked pair present is merged everywhere first."
         ids = [self.byte_ids[x] for x in word.encode("utf-8")]
-        if len(ids) > LONG_WORD: return merge_with_heap(ids, self.ranks)   # same result, O(n log n): see below
+        if len(ids) > LONG_WORD: return merge_with_heap(ids, self.ranks)   # same result in O(n log n)
         ranks = self.ranks
         while len(ids) > 1:
             best = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (1 << 62,))[0])
