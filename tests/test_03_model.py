@@ -121,6 +121,21 @@ def test_import_an_internlm2_checkpoint(tmp_path):
         from_hf(tmp_path / "internlm2")
 
 
+def test_import_a_sharded_pytorch_bin_checkpoint(tmp_path):
+    "pytorch_model-0000k-of-0000n.bin shards under pytorch_model.bin.index.json, as older checkpoints ship."
+    hf = small_hf_llama()
+    sd = hf.state_dict()
+    names = sorted(sd)
+    shards = {f"pytorch_model-0000{k + 1}-of-00003.bin": names[k::3] for k in range(3)}
+    for shard, keys in shards.items(): torch.save({k: sd[k] for k in keys}, tmp_path / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    idx = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        assert (from_hf(tmp_path)(idx) - hf(idx).logits).abs().max().item() < 1e-5
+
+
 def test_gradients_match_transformers(tmp_path):
     torch.manual_seed(2)
     ours = Decoder(tiny())
