@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from course_lib.core import embedded_corpus
+from course_lib.core import embedded_corpus, read_corpus
 from course_lib.data import (CleanConfig, Drop, MinHasher, apply_steps, check_accounts, clean_corpus, clean_with_datasets,
                              clean_with_datatrove, content_hash, dedup_plan, estimate_jaccard, near_duplicate_clusters,
-                             quality_signals, quality_verdict, read_documents, redact, repetition_signals,
+                             quality_signals, quality_verdict, redact, repetition_signals,
                              repetition_verdict, shingles, write_shards)
 
 CFG = CleanConfig()
@@ -226,7 +226,7 @@ def test_html_main_text_extraction(tmp_path):
         <main><h1>Lambdas</h1><p>{body}</p><p>Lambda forms cannot contain statements or annotations, only one expression.</p></main>
         <footer><p>Copyright 2026 Example Corp. All rights reserved. Privacy policy.</p></footer></body></html>""")
     (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 not really a pdf")
-    recs = {Path(r["id"]).name: r for r in read_documents(tmp_path)}
+    recs = {Path(r["id"]).name: r for r in read_corpus(tmp_path, errors="record")}
     text = recs["page.html"]["text"]
     assert "anonymous function" in text and "only one expression" in text
     assert "Shop now" not in text and "All rights reserved" not in text
@@ -249,13 +249,13 @@ def _pdf_with_text(lines):
 
 def test_pdf_text_layer(tmp_path):
     (tmp_path / "paper.pdf").write_bytes(_pdf_with_text(["Deduplication matters for training data.", "MinHash estimates Jaccard similarity."]))
-    rec = next(read_documents(tmp_path / "paper.pdf"))
+    rec = next(read_corpus(tmp_path / "paper.pdf", errors="record"))
     assert "Deduplication matters for training data." in rec["text"] and "MinHash estimates Jaccard" in rec["text"]
     assert rec["meta"]["pages"] == 1 and rec["meta"]["format"] == "pdf"
     from pypdf import PdfWriter
     writer = PdfWriter(); writer.add_blank_page(200, 200)
     with open(tmp_path / "blank.pdf", "wb") as f: writer.write(f)
-    rec = next(read_documents(tmp_path / "blank.pdf"))
+    rec = next(read_corpus(tmp_path / "blank.pdf", errors="record"))
     assert rec["text"] == "" and rec["meta"]["pages"] == 1   # a scanned/blank page has no text layer
     assert apply_steps(rec, CFG)[2].reason == "empty"
 
@@ -265,7 +265,7 @@ def test_100mb_single_line_file_is_dropped_not_crashing(tmp_path):
     with open(big, "wb") as f:
         for _ in range(100): f.write(b"a" * 1_000_000)
     (tmp_path / "bad-bytes.txt").write_bytes(b"caf\xe9 cr\xe8me " * 5 + b"fine text " * 200)
-    stats = clean_corpus(read_documents(tmp_path), tmp_path / "out")
+    stats = clean_corpus(read_corpus(tmp_path, errors="record"), tmp_path / "out")
     reasons = {json.loads(l)["id"].split("/")[-1]: json.loads(l)["reason"] for l in (tmp_path / "out" / "dropped.jsonl").open()}
     assert reasons["big.txt"] == "too_long"
     assert stats["input"]["docs"] == 2 and stats["input"]["bytes"] > 100_000_000
@@ -274,10 +274,10 @@ def test_100mb_single_line_file_is_dropped_not_crashing(tmp_path):
 def test_parquet_shards_round_trip(tmp_path):
     docs = list(embedded_corpus(max_docs=12))
     paths = write_shards(docs, tmp_path, fmt="parquet", max_docs=5)
-    assert [r["text"] for r in read_documents(tmp_path)] == [d["text"] for d in docs] and len(paths) == 3
+    assert [r["text"] for r in read_corpus(tmp_path, errors="record")] == [d["text"] for d in docs] and len(paths) == 3
     stats = clean_corpus(docs, tmp_path / "clean", fmt="parquet")
     assert stats["shards"] == ["shard-00000.parquet"]
-    assert len(list(read_documents(tmp_path / "clean" / "shards"))) == stats["kept"]["docs"] > 0
+    assert len(list(read_corpus(tmp_path / "clean" / "shards", errors="record"))) == stats["kept"]["docs"] > 0
 
 
 # ---------------------------------------------------------------- parallel, resumable, and other engines
@@ -330,3 +330,55 @@ def test_datatrove_local_executor_agrees(sample_corpus, ours, tmp_path):
     assert [(r["id"], r["text"]) for r in kept] == [(r["id"], r["text"]) for r in ours[1]]
     stats = json.loads((tmp_path / "dt" / "logs" / "dedup" / "stats.json").read_text())
     assert stats  # datatrove wrote its own stats for the dedup stage
+
+
+# ---------------------------------------------------------------- a folder of bad files through `camp run`'s stages
+def _bad_folder(root: Path) -> Path:
+    root.mkdir()
+    rng = random.Random(0)
+    (root / "a_random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4000)))
+    (root / "b_empty.txt").write_text("")
+    (root / "c_broken.pdf").write_bytes(b"%PDF-1.4 truncated")
+    (root / "d_huge.txt").write_text("x" * 1_500_000)  # one line, larger than the whole byte cap below
+    good = {"id": "good-row", "text": "A fine sentence about data. " * 40}
+    (root / "e_rows.jsonl").write_text(json.dumps(good) + "\n{this line is not json\n")
+    (root / "f_page.html").write_text("<html><body><article><p>" + "Clean pages keep their main text. " * 20 + "</p></article></body></html>")
+    (root / "g_zh.txt").write_text("数据清洗决定了模型的质量。" * 30)
+    (root / "h_after.md").write_text("The last file must still be read. " * 30)
+    return root
+
+
+def test_bad_folder_is_accounted_and_reading_goes_on(tmp_path):
+    from course_lib.core import RunContext, corpus_stage, load_settings
+    from course_lib.data import data_stage
+    folder = _bad_folder(tmp_path / "bad")
+    ctx = RunContext(tmp_path / "run", load_settings("ci", {"corpus": str(folder), "corpus_max_bytes": "1000000"}))
+    report = corpus_stage(ctx)  # (c) the malformed JSONL line does not abort the corpus stage
+    assert "could not be read" in report and "over_byte_cap (1)" in report and "bad_json_line (1)" in report
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "corpus" / "docs.jsonl").open()]
+    assert any(i.endswith("h_after.md") for i in ids)  # (a) the file over the cap did not end the reading
+    data_stage(ctx)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    readable = stats["steps"]["readable"]["dropped"]
+    assert {"over_byte_cap", "bad_json_line", "pdf_error", "empty"} <= set(readable), readable
+    assert stats["input"]["docs"] == len(ids) == stats["kept"]["docs"] + stats["dropped"]["docs"]
+    with pytest.raises(ValueError, match="d_huge.txt: over_byte_cap"):  # the default policy names the file instead
+        list(read_corpus(folder / "d_huge.txt", max_bytes=1_000_000))
+
+
+def test_tokenizer_refuses_a_run_whose_cleaning_kept_nothing(tmp_path):
+    from course_lib.core import RunContext, corpus_stage, load_settings
+    from course_lib.data import data_stage
+    from course_lib.tokenizer import tokenizer_stage
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    rng = random.Random(1)
+    for i in range(3):
+        (folder / f"noise{i}.txt").write_bytes(bytes(rng.randrange(256) for _ in range(3000)))
+    ctx = RunContext(tmp_path / "run", load_settings("ci", {"corpus": str(folder)}))
+    corpus_stage(ctx)
+    data_stage(ctx)
+    assert ctx.summary["data"]["kept_docs"] == 0
+    with pytest.raises(ValueError, match="kept no documents"):  # (b) never silently the raw corpus
+        tokenizer_stage(ctx)
+    assert not list((tmp_path / "run").rglob("*.bin"))
