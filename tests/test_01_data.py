@@ -1,8 +1,10 @@
 """Chapter 1 (data cleaning): MinHash/LSH against exact Jaccard, rules on hand-made documents with known
 answers, a PII table, the accounting invariant on random broken mixtures, readers, and the same kept set
 from our process pool, `datasets` and datatrove."""
+import dataclasses
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,18 @@ PII_TABLE = [
     ("a[1::2] b[::3]", None), ("at 12:30:45", None), ("dead:beef", None),
     ("2024-01-15", None), ("pi is 3.14159265358", None), ("ISBN 978-0-306-40615-7", None),
     ('password = "password"', None), ("use sk-learn", None), ('token = "short"', None),
+    # issue 11: national and E.164 phone forms, secrets assigned to names (quoted or not), and their look-alikes
+    ("toll free 1-800-555-0199", "toll free <PHONE>"), ("desk 555 123 4567.", "desk <PHONE>."),
+    ("E.164 +14155552671", "E.164 <PHONE>"), ("mobile +44 7911 123456", "mobile <PHONE>"),
+    ("office 020 7946 0958", "office <PHONE>"), ("call 4155552671 now", "call <PHONE> now"),
+    ("fax (555)-123-4567", "fax <PHONE>"),
+    ("aws_secret_access_key = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'", "aws_secret_access_key = '<SECRET>'"),
+    ("DB_PASSWORD = 'Xk9mQ2vL7pR4'", "DB_PASSWORD = '<SECRET>'"), ("GITHUB_TOKEN = 'a1b2C3d4E5f6g7'", "GITHUB_TOKEN = '<SECRET>'"),
+    ("password=hunter2xyz", "password=<SECRET>"), ('{"api_key": "9fQ2xZ7pLk3VbN8wR4tY"}', '{"api_key": "<SECRET>"}'),
+    ("INT_MAX = 2147483647", None), ("created = 1700000000", None), ("x = [200, 300, 4000]", None), ("port = 8080", None),
+    ("md5 d41d8cd98f00b204e9800998ecf8427e", None), ("order 20240115093000", None), ("token = get_token()", None),
+    ("SECRET_KEY = settings.SECRET_KEY", None), ("RC2_KEY = rc2_key_st", None), ('tokenizer = "gpt2-large-model"', None),
+    ('sort_key = "created_at_desc"', None), ("monkey = 'Banana1234Xx'", None), ("password: changeme", None),
 ]
 
 
@@ -382,3 +396,57 @@ def test_tokenizer_refuses_a_run_whose_cleaning_kept_nothing(tmp_path):
     with pytest.raises(ValueError, match="kept no documents"):  # (b) never silently the raw corpus
         tokenizer_stage(ctx)
     assert not list((tmp_path / "run").rglob("*.bin"))
+
+
+# ---------------------------------------------------------------- step errors are loud, and there are none on the corpus
+def test_a_raising_step_is_loud_in_the_report(tmp_path, monkeypatch, capsys):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.data import DOC_STEPS, data_stage
+    def broken_quality(doc, cfg):
+        raise KeyError("a bug in a step")
+    monkeypatch.setitem(DOC_STEPS, "quality", broken_quality)
+    ctx = RunContext(tmp_path, load_settings("ci", {"corpus_max_bytes": "60000"}))
+    report = data_stage(ctx)
+    n = ctx.summary["data"]["step_errors"]
+    assert n > 0 and report.startswith(f"> **Warning: {n} document(s) were dropped because a cleaning step raised")
+    assert "KeyError" in report and "WARNING" in capsys.readouterr().out
+
+
+def test_no_step_errors_on_the_embedded_corpus(tmp_path):
+    from course_lib.data import step_errors
+    records = list(embedded_corpus(max_bytes=4_000_000))  # the cpu tier's slice: code and prose
+    stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
+    assert step_errors(tmp_path) == (0, [])
+    assert all("step_error" not in row["dropped"] for row in stats["steps"].values())
+
+
+# ---------------------------------------------------------------- exact line deduplication across documents
+def test_line_dedup_removes_lines_shared_by_enough_documents(tmp_path):
+    header = "Welcome to the Example Travel Guide, your companion for every trip."
+    footer = "Copyright 2026 Example Travel Guide. All rights reserved worldwide."
+    pair_line = "This paragraph appears in exactly two of the guides, and must stay."
+    docs = []
+    for i in range(6):
+        body = GOOD.replace("river", f"river{i}").replace("bridge", f"bridge{i}").replace("town", f"town{i}")
+        middle = f"\n\n{pair_line}" if i in (1, 4) else ""
+        docs.append({"id": f"guide-{i}", "text": f"{header}\n\n{body}{middle}\n\n{footer}", "meta": {"kind": "prose", "bytes": 0}})
+    docs.append({"id": "only-boilerplate", "text": f"{header}\n\n{footer}", "meta": {"kind": "prose", "bytes": 0}})
+    code = {"id": "code", "text": "\n".join(f"x{i} = compute_something_long(value_{i})  # a code line" for i in range(40)),
+            "meta": {"kind": "code", "bytes": 0}}
+    cfg = CleanConfig(steps=("readable", "normalise", "exact_dedup", "near_dedup", "line_dedup"), line_dedup_min_docs=3)
+    stats = clean_corpus(docs + [code], tmp_path / "one", cfg, workers=1)
+    # the reference: count, by brute force, the documents holding each long stripped line
+    holders = Counter(line.strip() for d in docs for line in set(d["text"].split("\n")) if len(line.strip()) >= 30)
+    expected_boilerplate = {line for line, n in holders.items() if n >= 3}
+    assert expected_boilerplate == {header, footer}
+    kept = {r["id"]: r["text"] for p in sorted((tmp_path / "one" / "shards").glob("*.jsonl")) for r in map(json.loads, p.open())}
+    assert all(header not in t and footer not in t for i, t in kept.items() if i != "code")
+    assert pair_line in kept["guide-1"] and pair_line in kept["guide-4"] and kept["code"] == code["text"]
+    dropped = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "one" / "dropped.jsonl").open()}
+    assert dropped == {"only-boilerplate": "only_boilerplate"}
+    assert stats["line_dedup"]["lines_removed"] == 2 * 7 and stats["line_dedup"]["documents_changed"] == 7
+    row = stats["steps"]["line_dedup"]
+    assert (row["docs_in"], row["docs_out"]) == (8, 7) and row["bytes_out"] < row["bytes_in"]
+    # the same result with two worker processes and small shards
+    two = clean_corpus(docs + [code], tmp_path / "two", dataclasses.replace(cfg, shard_docs=2), workers=2)
+    assert two["kept"] == stats["kept"] and two["line_dedup"] == stats["line_dedup"]

@@ -26,11 +26,16 @@ _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?
 _EMAIL = re.compile(
     r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-]|\.\w)"
 )
-_PHONE = re.compile(r"""(?=[+(\d])(?<![\w+.\-/])(?:
-      \+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}   # +44 20 7946 0958, +1 (555) 123-4567
-    | \(\d{3}\)[ ]?\d{3}[ .-]\d{4}                                       # (555) 123-4567
-    | \d{3}[.-]\d{3}[.-]\d{4}                                            # 555-123-4567
+_PHONE = re.compile(r"""(?=[+(\d])(?<![\w+.\-/:])(?:
+      \+\d{7,15}                                                        # E.164 written compactly: +14155552671
+    | \+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,6}){1,4}   # +44 7911 123456, +1 (555) 123-4567
+    | (?:1[ .-])?(?:\([2-9]\d\d\)[ .-]?|[2-9]\d\d[ .-])\d{3}[ .-]\d{4}  # 1-800-555-0199, (555)-123-4567, 555 123 4567
+    | 0[1-9]\d{1,3}[ -]\d{3,4}[ -]?\d{3,4}                               # trunk 0: 020 7946 0958, 0755-8123 4567
+    | 0[1-9]\d{1,2}-\d{7,8}                                              # trunk 0: 010-12345678
+    | 1[3-9]\d[ -]?\d{4}[ -]?\d{4}                                       # Chinese mobile: 138 0013 8000, 13800138000
     )(?![\w.\-/]?\d)""", re.X)
+# a bare 10- or 11-digit number is a phone number only where the text says so ('call 4155552671')
+_PHONE_IN_CONTEXT = re.compile(r"(?i)(?:\b(?:phone|tel|call|mobile|cell|fax|whatsapp)\b|电话|手机)[^\d\n]{0,12}?(?<![\w.])(\d{10,11})(?![\w.]?\d)")
 _SECRET_PATTERNS = [
     r"\bAKIA[0-9A-Z]{16}\b",                                   # AWS access key id
     r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",                      # GitHub tokens
@@ -44,9 +49,21 @@ _SECRET_PATTERNS = [
 _SECRET = re.compile(
     "(?=[AGghxs-])(?:" + "|".join(f"(?:{p})" for p in _SECRET_PATTERNS) + ")"
 )  # the lookahead: 5x faster
-_ASSIGNED_SECRET = re.compile(
-    r"""(?i)\b((?:api|access|secret|private)[_-]?key|secret|token|passwd|password|auth)\b(["']?\s*[:=]\s*)(["'])([^"'\s]{12,})\3"""
-)
+# a name ending in a secret word, assigned a value: `aws_secret_access_key = '...'`, `DB_PASSWORD=...`, `"token": "..."`
+_ASSIGNED_SECRET = re.compile(r"""(?ix)
+    (?<![a-z])(?:api_?|access_?|secret_?|private_?|auth_?)?
+    (?:key|secret|token|passwd|password|passphrase|pwd|credentials?)(?![a-z0-9])   # the name's last word
+    ["']?\s*[:=]\s*                                                                 # = or :
+    (?:(["'])(?P<quoted>[^"'\s]{8,})\1 | (?P<bare>[^\s"'`,;()\[\]{}<>]{8,}))          # the value""")
+
+def _looks_secret(value: str, quoted: bool) -> bool:
+    """A value that looks machine-made: 8+ characters, two or more of lower/upper/digit/symbol, entropy >= 3 bits
+    per character; a bare (unquoted) value shaped like a name (`os.environ`, `rc2_key_st`) is not a secret."""
+    if not quoted and re.fullmatch(r"[A-Za-z_][A-Za-z_.]*|[A-Za-z_]\w*(?:[_.]\w+)+", value):
+        return False
+    classes = [any(c.islower() for c in value), any(c.isupper() for c in value), any(c.isdigit() for c in value),
+               any(not c.isalnum() and c not in "_-." for c in value)]
+    return sum(classes) >= 2 and _entropy(value) >= 3.0
 
 def _entropy(s: str) -> float:
     "Shannon entropy in bits per character: 'aaaa' -> 0.0, 'abcd' -> 2.0."
@@ -67,7 +84,10 @@ def find_pii(text: str, kinds: Sequence[str] = PII_KINDS) -> list[tuple[int, int
     for kind in kinds:
         if kind == "SECRET":
             found = [(m.start(), m.end()) for m in _SECRET.finditer(text)]
-            found += [(m.start(4), m.end(4)) for m in _ASSIGNED_SECRET.finditer(text) if _entropy(m.group(4)) >= 3.5]
+            for m in _ASSIGNED_SECRET.finditer(text):
+                group = "quoted" if m.group("quoted") else "bare"
+                if _looks_secret(m.group(group), group == "quoted"):
+                    found.append(m.span(group))
         elif kind == "EMAIL": found = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
         elif kind == "IPV6": found = [m.span() for m in _IPV6.finditer(text) if _valid_ipv6(m.group())]
         elif kind == "IPV4":
@@ -78,6 +98,7 @@ def find_pii(text: str, kinds: Sequence[str] = PII_KINDS) -> list[tuple[int, int
             ]
         elif kind == "PHONE":
             found = [m.span() for m in _PHONE.finditer(text) if 10 <= sum(c.isdigit() for c in m.group()) <= 15]
+            found += [m.span(1) for m in _PHONE_IN_CONTEXT.finditer(text)]
         else: raise ValueError(f"unknown PII kind {kind!r}; known: {PII_KINDS}")
         for a, b in sorted(found):
             if free(a, b): spans.append((a, b, kind))

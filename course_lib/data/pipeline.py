@@ -8,7 +8,7 @@ Deduplication runs once, globally, after the per-document steps."""
 
 # %% auto #0
 __all__ = ['DOC_STEPS', 'DEMO_TEXT', 'write_shards', 'write_parquet', 'Accounts', 'apply_steps', 'explain', 'check_accounts',
-           'clean_corpus', 'funnel', 'plot_funnel', 'data_stage', 'data_demo']
+           'clean_corpus', 'funnel', 'plot_funnel', 'step_errors', 'data_stage', 'data_demo']
 
 # %% ../../nbs/01d_data_pipeline.ipynb #191f742a
 import dataclasses
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import RunContext, atomic_path, demo, human_bytes, newest_artifact, progress, read_corpus, stage, write_jsonl
-from .filters import (STEP_NAMES, CleanConfig, Drop, nbytes, check_readable, normalise, identify_language,
+from ..core import (RunContext, atomic_path, demo, human_bytes, newest_artifact, progress, read_corpus, stage,
+                             write_jsonl)
+from .filters import (STEP_NAMES, CleanConfig, Drop, nbytes, with_text, check_readable, normalise, identify_language,
                                      gopher_repetition, gopher_quality, c4_filter, code_filter, language_identifier)
 from .pii import redact_pii
-from .dedup import MinHasher, content_hash, dedup_plan
+from .dedup import MinHasher, boilerplate_lines, content_hash, dedup_plan, line_hashes, remove_lines
 
 # %% ../../nbs/01d_data_pipeline.ipynb #0b80f725
 def write_shards(records: Iterable[dict], out_dir: str | Path, fmt: str = "jsonl", max_docs: int = 10_000,
@@ -100,9 +101,11 @@ class Accounts:
 
     def to_dict(self) -> dict: return {"input": dict(self.input), "steps": json.loads(json.dumps(self.steps))}
 
-def apply_steps(doc: dict, cfg: CleanConfig, accounts: Accounts | None = None) -> tuple[dict | None, str | None, Drop | None]:
+def apply_steps(doc: dict, cfg: CleanConfig,
+                accounts: Accounts | None = None) -> tuple[dict | None, str | None, Drop | None]:
     """Run the per-document steps of `cfg.steps` on `doc`: (cleaned doc, None, None) when it survives,
-    (None, step, Drop) for the step that dropped it. A step that raises drops the document ('step_error'), never the run.
+    (None, step, Drop) for the step that dropped it. A step that raises drops the document ('step_error'),
+    never the run.
     """
     if accounts is not None: accounts.add_input(doc.get("meta", {}).get("bytes", 0) or nbytes(doc.get("text") or ""))
     size = (doc.get("meta", {}).get("bytes", 0) if doc.get("meta", {}).get("error") else None)
@@ -162,7 +165,7 @@ def _map_shard(index: int, records: list[dict], cfg: CleanConfig, work: Path) ->
     "Worker: per-document steps over one input shard; writes kept docs, their hashes and signatures, drops and accounts."
     accounts = Accounts(cfg.steps)
     hasher = MinHasher(cfg.num_perm, cfg.seed) if "near_dedup" in cfg.steps else None
-    kept, dropped, index_rows, signatures = [], [], [], []
+    kept, dropped, index_rows, signatures, lines = [], [], [], [], []
     for doc in records:
         out, step, drop = apply_steps(doc, cfg, accounts)
         if out is None:
@@ -171,12 +174,18 @@ def _map_shard(index: int, records: list[dict], cfg: CleanConfig, work: Path) ->
         kept.append(out)
         index_rows.append({"id": out["id"], "hash": content_hash(out["text"]), "bytes": nbytes(out["text"])})
         if hasher: signatures.append(hasher.text_signature(out["text"], cfg))
+        if "line_dedup" in cfg.steps:
+            eligible = out.get("meta", {}).get("kind", "prose") in cfg.line_dedup_kinds
+            lines.append(line_hashes(out["text"], cfg.line_dedup_min_chars) if eligible else np.zeros(0, np.uint64))
     write_jsonl(kept, _part(work, index, ".jsonl"))
     write_jsonl(dropped, _part(work, index, ".dropped.jsonl"))
     write_jsonl(index_rows, _part(work, index, ".index.jsonl"))
     if hasher:
         sig = np.stack(signatures) if signatures else np.zeros((0, cfg.num_perm), dtype=np.uint32)
         np.save(_part(work, index, ".sig.npy"), sig)
+    if "line_dedup" in cfg.steps:  # each kept document's distinct line hashes, concatenated, and where each starts
+        np.save(_part(work, index, ".lines.npy"), np.concatenate(lines) if lines else np.zeros(0, np.uint64))
+        np.save(_part(work, index, ".lineoff.npy"), np.cumsum([0] + [len(h) for h in lines]))
     with atomic_path(_part(work, index, ".done.json")) as done:  # written last: the shard's commit point
         done.write_text(json.dumps(accounts.to_dict()))
     return len(records)
@@ -200,8 +209,15 @@ def check_accounts(stats: dict) -> None:
         )
 
 # %% ../../nbs/01d_data_pipeline.ipynb #746b643d
-def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig | None = None, workers: int = 1,
-                 resume: bool = True, fmt: str = "jsonl", keep_work: bool = False) -> dict:
+def clean_corpus(
+    records: Iterable[dict],    # the input records ({id, text, meta}), streamed: read once, never held whole
+    out_dir: str | Path,        # gets shards/, dropped.jsonl, stats.json (and work/ while running)
+    cfg: CleanConfig | None = None,  # every threshold and the steps to run; CleanConfig() when None
+    workers: int = 1,           # processes for the per-document steps; 1 runs them in this process
+    resume: bool = True,        # skip input shards already finished in out_dir/work/ by a run with the same config
+    fmt: str = "jsonl",         # kept shards as 'jsonl' or 'parquet'
+    keep_work: bool = False,    # keep out_dir/work/ (per-shard results) after a successful run
+) -> dict:
     """Clean a stream of records into `out_dir/shards/shard-*.{jsonl,parquet}`, `out_dir/dropped.jsonl` and
     `out_dir/stats.json`; returns the stats. Input shards are processed by `workers` processes (in this process
     when 1) with at most 2*workers shards in flight; a shard whose results exist in `out_dir/work/` is skipped
@@ -210,7 +226,8 @@ def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig 
     work = out_dir / "work"
     fingerprint = content_hash(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     manifest = work / "manifest.json"
-    if work.exists() and (not resume or not manifest.exists() or json.loads(manifest.read_text())["config"] != fingerprint):
+    stale = not resume or not manifest.exists() or json.loads(manifest.read_text())["config"] != fingerprint
+    if work.exists() and stale:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"config": fingerprint}))
@@ -239,6 +256,38 @@ def clean_corpus(records: Iterable[dict], out_dir: str | Path, cfg: CleanConfig 
             for f in pending: f.result()
     return _reduce(work, n_parts, out_dir, cfg, fmt, workers, skipped, started, keep_work)
 
+def _boilerplate(work: Path, n_parts: int, plan: dict, cfg: CleanConfig) -> set[int]:
+    "The line hashes found in `cfg.line_dedup_min_docs`+ documents that survived document deduplication."
+    per_doc, g = [], 0
+    for i in range(n_parts):
+        hashes = np.load(_part(work, i, ".lines.npy"))                         # (L_i,) this shard's line hashes
+        offsets = np.load(_part(work, i, ".lineoff.npy"))                      # (n_i + 1,) where each document's start
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            if g not in plan:
+                per_doc.append(hashes[start:end])
+            g += 1
+    return boilerplate_lines(per_doc, cfg.line_dedup_min_docs)
+
+def _dedup_lines(rec: dict, size: int, boilerplate: set[int], cfg: CleanConfig, accounts: Accounts,
+                 drops: list[dict], removed: Counter) -> tuple[dict | None, int]:
+    "One kept document through exact line deduplication, booked in `accounts`: (record or None, its new size)."
+    if rec.get("meta", {}).get("kind", "prose") not in cfg.line_dedup_kinds or not boilerplate:
+        accounts.record("line_dedup", size, size)
+        return rec, size
+    text, n_removed = remove_lines(rec["text"], boilerplate, cfg.line_dedup_min_chars)
+    if not n_removed:
+        accounts.record("line_dedup", size, size)
+        return rec, size
+    removed[rec["id"]] = n_removed
+    if not text.strip():
+        accounts.record("line_dedup", size, None, "only_boilerplate")
+        drops.append({"id": rec["id"], "step": "line_dedup", "reason": "only_boilerplate",
+                      "detail": f"all {n_removed} lines recur in {cfg.line_dedup_min_docs}+ documents"})
+        return None, 0
+    new = with_text(rec, text, boilerplate_lines_removed=n_removed)
+    accounts.record("line_dedup", size, nbytes(text))
+    return new, nbytes(text)
+
 def _reduce(work: Path, n_parts: int, out_dir: Path, cfg: CleanConfig, fmt: str, workers: int, skipped: int,
             started: float, keep_work: bool) -> dict:
     "Global phase: deduplicate on hashes and signatures, write kept shards and the drop list, check the accounts."
@@ -261,21 +310,30 @@ def _reduce(work: Path, n_parts: int, out_dir: Path, cfg: CleanConfig, fmt: str,
                 accounts.record(step, size, size)
                 survivors.append(g)
         alive = survivors
+    boilerplate = _boilerplate(work, n_parts, plan, cfg) if "line_dedup" in cfg.steps else set()
     shard_dir = out_dir / "shards"
     if shard_dir.exists(): shutil.rmtree(shard_dir)
     kept = {"docs": 0, "bytes": 0}
+    line_drops, lines_removed = [], Counter()
     def kept_records():
         g = 0
         for i in range(n_parts):
             for rec in _read_jsonl_rows(_part(work, i, ".jsonl")):
-                if g not in plan:
-                    kept["docs"] += 1
-                    kept["bytes"] += index_rows[g]["bytes"]
-                    yield rec
+                size = index_rows[g]["bytes"]
                 g += 1
+                if g - 1 in plan:
+                    continue
+                if "line_dedup" in cfg.steps:
+                    rec, size = _dedup_lines(rec, size, boilerplate, cfg, accounts, line_drops, lines_removed)
+                    if rec is None:
+                        continue
+                kept["docs"] += 1
+                kept["bytes"] += size
+                yield rec
     paths = write_shards(kept_records(), shard_dir, fmt=fmt)
     def dropped_rows():
         for i in range(n_parts): yield from _read_jsonl_rows(_part(work, i, ".dropped.jsonl"))
+        yield from line_drops
         for g, (step, reason, keeper) in sorted(plan.items()):
             yield {
                 "id": index_rows[g]["id"],
@@ -287,7 +345,9 @@ def _reduce(work: Path, n_parts: int, out_dir: Path, cfg: CleanConfig, fmt: str,
     dropped_bytes = sum(c["bytes"] for row in accounts.steps.values() for c in row["dropped"].values())
     stats = {**accounts.to_dict(), "kept": kept, "dropped": {"docs": n_dropped, "bytes": dropped_bytes},
              "shards": [p.name for p in paths], "workers": workers, "resumed_shards": skipped,
-             "seconds": round(time.perf_counter() - started, 3), "config": dataclasses.asdict(cfg)}
+             "seconds": round(time.perf_counter() - started, 3), "config": dataclasses.asdict(cfg),
+             "line_dedup": {"boilerplate_lines": len(boilerplate), "lines_removed": sum(lines_removed.values()),
+                            "documents_changed": len(lines_removed)}}
     check_accounts(stats)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     if not keep_work: shutil.rmtree(work)
@@ -329,6 +389,17 @@ def plot_funnel(stats: dict, path: str | Path | None = None, title: str = "What 
     return fig
 
 # %% ../../nbs/01d_data_pipeline.ipynb #01bc8e69
+def step_errors(out_dir: str | Path, limit: int = 5) -> tuple[int, list[dict]]:
+    "(how many documents a raising step dropped, the first `limit` of their drop rows) from a cleaned folder."
+    rows = [row for row in _read_jsonl_rows(Path(out_dir) / "dropped.jsonl") if row["reason"] == "step_error"]
+    return len(rows), rows[:limit]
+
+def _step_error_warning(n_errors: int, examples: list[dict]) -> str:
+    "A loud Markdown block for the report: a raising step is a bug in the pipeline, not bad data."
+    listed = "\n".join(f"> - `{row['id']}` in `{row['step']}`: {row['detail']}" for row in examples)
+    return (f"> **Warning: {n_errors} document(s) were dropped because a cleaning step raised an exception "
+            f"(`step_error`).** That is a bug in a step, not bad data; the first ones:\n{listed}\n\n")
+
 @stage("data", order=10)
 def data_stage(ctx: RunContext) -> str:
     "Clean corpus/docs.jsonl (or the settings' corpus) into data/shards/, data/stats.json, data/dropped.jsonl, data/funnel.png."
@@ -336,23 +407,28 @@ def data_stage(ctx: RunContext) -> str:
     source, records = ctx.input_records(cleaned=False)
     stats = clean_corpus(records, out, CleanConfig.from_settings(s), workers=s.data_workers)
     plot_funnel(stats, out / "funnel.png")
-    reasons = Counter(
-        {
-            f"{step}: {reason}": cell["docs"]
-            for step, row in stats["steps"].items()
-            for reason, cell in row["dropped"].items()
-        }
-    )
+    reasons = Counter()
+    for step, row in stats["steps"].items():
+        for reason, cell in row["dropped"].items():
+            reasons[f"{step}: {reason}"] = cell["docs"]
+    n_errors, examples = step_errors(out)
     ctx.summary["data"] = {"input_docs": stats["input"]["docs"], "input_bytes": stats["input"]["bytes"],
                            "kept_docs": stats["kept"]["docs"], "kept_bytes": stats["kept"]["bytes"],
-                           "dropped": dict(reasons), "seconds": stats["seconds"], "shards": len(stats["shards"])}
+                           "dropped": dict(reasons), "step_errors": n_errors, "seconds": stats["seconds"],
+                           "shards": len(stats["shards"])}
+    warning = ""
+    if n_errors:
+        print(f"[camp] WARNING: the data stage dropped {n_errors} document(s) as step_error (a cleaning step raised); "
+              f"see {out / 'dropped.jsonl'}", flush=True)
+        warning = _step_error_warning(n_errors, examples)
     rows = "\n".join(f"| {label} | {docs:,} | {human_bytes(size)} |" for label, docs, size in funnel(stats))
     top = "\n".join(f"| {reason} | {n:,} |" for reason, n in reasons.most_common(12))
+    kept, total = stats["kept"], stats["input"]
     return (
-        f"Cleaned {source} in {stats['seconds']:.1f} s with {s.data_workers} process(es): kept "
-        f"{stats['kept']['docs']:,} of {stats['input']['docs']:,} documents "
-        f"({human_bytes(stats['kept']['bytes'])} of {human_bytes(stats['input']['bytes'])}) in {len(stats['shards'])} shard(s) "
-        f"under `data/shards/`; every drop is listed with its reason in `data/dropped.jsonl`.\n\n"
+        f"{warning}Cleaned {source} in {stats['seconds']:.1f} s with {s.data_workers} process(es): kept "
+        f"{kept['docs']:,} of {total['docs']:,} documents ({human_bytes(kept['bytes'])} of {human_bytes(total['bytes'])}) "
+        f"in {len(stats['shards'])} shard(s) under `data/shards/`; every drop is listed with its reason in "
+        f"`data/dropped.jsonl`.\n\n"
         f"| after step | documents | bytes |\n|---|---|---|\n{rows}\n\n"
         f"| dropped by (step: reason) | documents |\n|---|---|\n{top}\n\n![funnel](data/funnel.png)\n"
     )
