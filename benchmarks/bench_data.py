@@ -19,7 +19,7 @@ os.environ.setdefault("CAMP_PROGRESS", "0")
 import numpy as np
 
 from course_lib.core import embedded_corpus, human_bytes
-from course_lib.data import _language_identifier, CleanConfig, MinHasher, clean_corpus, lsh_params, near_duplicate_clusters, normalise, shingles
+from course_lib.data import language_identifier, CleanConfig, MinHasher, clean_corpus, lsh_params, near_duplicate_clusters, normalise, shingles
 
 
 def pipeline(docs, workers):
@@ -85,7 +85,7 @@ def main():
     size = sum(d["meta"]["bytes"] for d in docs)
     print(f"corpus: {len(docs)} documents, {human_bytes(size)}; {os.cpu_count()} CPUs", flush=True)
 
-    _language_identifier()  # load langid's model (~2 s) before timing, so both runs start warm
+    language_identifier()  # load langid's model (~2 s) before timing, so both runs start warm
     runs = [pipeline(docs, w) for w in (1, 2)]
     print("\n| pipeline | docs | kept | seconds | docs/s | MB/s |\n|---|---|---|---|---|---|")
     for r in runs: print(f"| {r['workers']} process(es) | {r['docs']} | {r['kept']} | {r['seconds']} | {r['docs_per_s']} | {r['mb_per_s']} |")

@@ -8,8 +8,7 @@ __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'PATTERNS', 'EOT', 'CHAT_SPECIALS', '
            'count_pretokens', 'pair_counts', 'merge', 'train_bpe_naive', 'bpe_merges', 'train_bpe', 'bytes_to_unicode',
            'merge_with_heap', 'Tokenizer', 'save_tokenizer', 'load_tokenizer', 'render_chat', 'apply_chat_template',
            'to_hf_json', 'save_hf', 'to_transformers', 'from_hf_json', 'truncate', 'bytes_per_token',
-           'compression_curve', 'stage_records', 'write_tokens', 'tokenizer_stage', 'render_tokens_html',
-           'tokenizer_demo']
+           'compression_curve', 'write_tokens', 'tokenizer_stage', 'render_tokens_html', 'tokenizer_demo']
 
 # %% ../nbs/02_tokenizer.ipynb #68a34f0f
 import heapq
@@ -606,15 +605,6 @@ def compression_curve(tok: Tokenizer, texts: list[str], sizes: Iterable[int]) ->
     return {v: bytes_per_token(truncate(tok, v - 256 - n_special), texts) for v in sizes}
 
 # %% ../nbs/02_tokenizer.ipynb #334d2f92
-def stage_records(run: str | Path, settings) -> tuple[str, Iterator[dict]]:
-    "The tokenizer stage's input: the data stage's shards, else the corpus stage's docs, else the corpus itself."
-    run = Path(run)
-    shards = sorted((run / "data" / "shards").glob("*.jsonl"))
-    if shards: return "data/shards", (rec for shard in shards for rec in read_corpus(shard))
-    if (run / "corpus" / "docs.jsonl").is_file(): return "corpus/docs.jsonl", read_corpus(run / "corpus" / "docs.jsonl")
-    return f"corpus {settings.corpus!r} (no earlier stage in this run)", read_corpus(
-        settings.corpus, max_bytes=settings.corpus_max_bytes or None, kinds=settings.corpus_kinds)
-
 def write_tokens(tok: Tokenizer, texts: Iterable[str], path: str | Path, batch_bytes: int = 8_000_000) -> int:
     """Encode `texts` into a flat binary file of ids (uint16 when the vocabulary fits, else uint32), each
     document followed by <|endoftext|>; readable with np.memmap(path, dtype). Returns the token count."""
@@ -641,7 +631,7 @@ def tokenizer_stage(ctx: RunContext) -> str:
     import matplotlib.pyplot as plt
     s = ctx.settings
     out = ctx.stage_dir("tokenizer"); (out / "tokens").mkdir(exist_ok=True)
-    source, records = stage_records(ctx.run_dir, s)
+    source, records = ctx.input_records()  # the data stage's shards, else the corpus; an error if cleaning kept nothing
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for rec in records: splits[split_of(rec["id"], s.val_fraction)].append(rec["text"])
     if not splits["train"]: raise ValueError(f"the tokenizer stage found no training documents in {source}")
