@@ -7,7 +7,8 @@ __all__ = ['PRESETS', 'TOKENIZER_FILES', 'INTERNLM2_NAMES', 'ModelConfig', 'get_
            'apply_rope', 'reference_attention', 'sdpa_attention', 'Attention', 'SwiGLU', 'Block', 'LMHead', 'Decoder',
            'count_params', 'n_params', 'flops_per_token', 'memory_estimate', 'linear_cross_entropy', 'hf_config',
            'config_from_hf', 'to_hf_state_dict', 'export_hf', 'load_checkpoint_tensors', 'load_hf_state_dict',
-           'internlm2_to_llama', 'from_hf', 'filter_logits', 'generate', 'next_token_probs', 'save_model', 'load_model']
+           'internlm2_to_llama', 'from_hf', 'filter_logits', 'generate', 'next_token_probs', 'save_model', 'load_model',
+           'attention_weights', 'rope_angles', 'attention_demo']
 
 # %% ../nbs/03_model.ipynb #13ea13bf
 import json
@@ -524,3 +525,107 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     model = Decoder(ModelConfig.from_dict(blob["config"])).to(device)
     model.load_state_dict(blob["state_dict"])
     return model.eval()
+
+# %% ../nbs/03_model.ipynb #f992e202
+from .core import demo
+
+@torch.no_grad()
+def attention_weights(model: Decoder, idx: torch.Tensor) -> torch.Tensor:
+    "Each layer's causal attention probabilities for the 1-D prompt `idx`: (n_layers, n_heads, t, t)."
+    seen: dict[str, list] = {"q": [], "k": [], "rope": []}
+    hooks = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        hooks += [attn.q_proj.register_forward_hook(lambda m, a, out: seen["q"].append(out)),
+                  attn.k_proj.register_forward_hook(lambda m, a, out: seen["k"].append(out)),
+                  attn.register_forward_hook(lambda m, a, out: seen["rope"].append(a[1:]))]
+    try: model.eval()(idx[None])
+    finally:
+        for h in hooks: h.remove()
+    t, hd = idx.shape[0], model.cfg.head_dim
+    eye = torch.eye(t)[None, None]                                      # (1, 1, t, t): values that return the weights
+    maps = []
+    for q, k, (cos, sin) in zip(seen["q"], seen["k"], seen["rope"]):
+        q = apply_rope(q.view(1, t, -1, hd).transpose(1, 2), cos, sin)  # (1, h, t, hd)
+        k = apply_rope(k.view(1, t, -1, hd).transpose(1, 2), cos, sin)  # (1, h_kv, t, hd)
+        maps.append(reference_attention(q.float(), k.float(), eye.expand(1, k.shape[1], t, t))[0])  # (h, t, t)
+    return torch.stack(maps)                                            # (L, h, t, t)
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10_000.0) -> torch.Tensor:
+    "RoPE's rotation angle in [0, 2π) of each frequency pair at each position: (t, head_dim/2)."
+    cos, sin = rope_cos_sin(positions, head_dim, theta)                 # (t, hd)
+    return torch.atan2(sin[:, : head_dim // 2], cos[:, : head_dim // 2]) % (2 * math.pi)   # (t, hd/2)
+
+# %% ../nbs/03_model.ipynb #c4661ce2
+def _demo_model(run: str | None) -> tuple[Decoder, Path | None]:
+    "The newest trained model (or `run`'s), else an untrained byte-level cpu-1m model."
+    from course_lib.pretrain import _find_model                         # chapter 4 trains the model this demo prefers
+    folder = _find_model(run)
+    if folder is None:
+        torch.manual_seed(0)
+        return Decoder(get_config("cpu-1m", vocab_size=257)).eval(), None
+    return from_hf(folder), folder
+
+@demo("attention")
+def attention_demo(run: str | None = None, max_tokens: int = 48):
+    "A Gradio app: a prompt's attention map per layer and head, RoPE's rotation angles, and the next-token probabilities."
+    import gradio as gr
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    model, folder = _demo_model(run)
+    tokenizer = None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    encode = (lambda text: tokenizer.encode(text).ids) if tokenizer else (lambda text: list(text.encode("utf-8")))
+    def piece(i: int) -> str:
+        text = tokenizer.decode([i], skip_special_tokens=False) if tokenizer else bytes([i]).decode("utf-8", "replace") if i < 256 else f"<{i}>"
+        return repr(text)[1:-1].replace(" ", "␣") or f"<{i}>"
+    cfg = model.cfg
+
+    def show(prompt: str, layer: float, head: float, pair: float):
+        ids = (encode(prompt) or [0])[:max_tokens]
+        layer, head, pair = int(layer), int(head), int(pair)
+        maps = attention_weights(model, torch.tensor(ids))                  # (L, h, t, t)
+        grid = maps[layer, head]                                            # (t, t)
+        labels = [piece(i) for i in ids]
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+        ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7); ax.set_yticks(range(len(ids)), labels, fontsize=7)
+        ax.set_xlabel("key (attended to)"); ax.set_ylabel("query (attending)")
+        ax.set_title(f"layer {layer}, head {head} (shares KV head {head // (cfg.n_heads // cfg.n_kv_heads)})"); fig.tight_layout()
+        angles = rope_angles(torch.arange(len(ids)), cfg.head_dim, cfg.rope_theta)[:, pair]   # (t,)
+        rope_fig, rax = plt.subplots(figsize=(4.5, 4.5))
+        rax.add_patch(plt.Circle((0, 0), 1, fill=False, color="#bbb"))
+        for p, a in enumerate(angles.tolist()):
+            rax.annotate("", (math.cos(a), math.sin(a)), (0, 0), arrowprops={"arrowstyle": "->", "color": plt.cm.viridis(p / max(len(ids) - 1, 1))})
+            rax.text(1.1 * math.cos(a), 1.1 * math.sin(a), str(p), fontsize=7, ha="center", va="center")
+        period = 2 * math.pi * cfg.rope_theta ** (2 * pair / cfg.head_dim)
+        rax.set_xlim(-1.3, 1.3); rax.set_ylim(-1.3, 1.3); rax.set_aspect("equal"); rax.axis("off")
+        rax.set_title(f"pair {pair}: one turn every {period:,.1f} positions")
+        probs = next_token_probs(model, torch.tensor(ids))                   # (V,)
+        top = probs.topk(min(10, probs.numel()))
+        top_labels = {f"{r}. {piece(i)} (id {i})": float(p) for r, (i, p) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1)}
+        plt.close("all")
+        return (fig, json.dumps([[round(v, 4) for v in row] for row in grid.tolist()]), rope_fig,
+                json.dumps([round(a, 4) for a in angles.tolist()]), top_labels)
+
+    with gr.Blocks(title="LLM Camp: attention") as app:
+        source = f"`{folder}`" if folder else "an untrained `cpu-1m` model (run `camp run` to train one)"
+        gr.Markdown(f"# Attention and RoPE inside the decoder\nModel: {source}; {cfg.n_layers} layers, {cfg.n_heads} query heads "
+                    f"sharing {cfg.n_kv_heads} key/value heads. The first {max_tokens} tokens of the prompt are shown.")
+        prompt = gr.Textbox(value="def add(a, b):\n    return a + b", label="prompt", elem_id="prompt", lines=3)
+        with gr.Row():
+            layer = gr.Slider(0, cfg.n_layers - 1, value=cfg.n_layers - 1, step=1, label="layer", elem_id="layer")
+            head = gr.Slider(0, cfg.n_heads - 1, value=0, step=1, label="head", elem_id="head")
+            pair = gr.Slider(0, cfg.head_dim // 2 - 1, value=0, step=1, label="RoPE frequency pair", elem_id="pair")
+        button = gr.Button("Show", variant="primary", elem_id="show")
+        with gr.Row():
+            heatmap = gr.Plot(label="attention probabilities (each row sums to 1)", elem_id="heatmap")
+            rope = gr.Plot(label="RoPE: the rotation applied at each position", elem_id="rope")
+        with gr.Row():
+            weights = gr.Textbox(label="attention probabilities (rows: queries)", elem_id="weights", lines=4)
+            angles = gr.Textbox(label="rotation angle per position (radians)", elem_id="angles", lines=2)
+        top_tokens = gr.Label(num_top_classes=10, label="top next tokens", elem_id="probs")
+        button.click(show, [prompt, layer, head, pair], [heatmap, weights, rope, angles, top_tokens])
+    return app
