@@ -6,7 +6,7 @@
 __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError', 'encode', 'decode', 'SandboxTimeout',
            'RemoteError', 'SandboxDied', 'default_hidden', 'RunResult', 'run_code', 'RemoteObject', 'Session']
 
-# %% ../nbs/12_sandbox.ipynb #a2d6b822
+# %% ../nbs/12_sandbox.ipynb #7d442b79
 """Running untrusted Python in a separate, limited, isolated process.
 
 - One process per sandbox; the caller holds nothing in it, so the code inside can only answer, never reach back.
@@ -20,7 +20,7 @@ __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError'
 - Killing the process group (and, with namespaces, the PID namespace's first process) ends everything the code started.
 """
 
-# %% ../nbs/12_sandbox.ipynb #d0abc65b
+# %% ../nbs/12_sandbox.ipynb #bd0a61c1
 import builtins
 import ctypes
 import json
@@ -40,7 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/12_sandbox.ipynb #4c97e945
+# %% ../nbs/12_sandbox.ipynb #2ccb5d5e
 @dataclass(frozen=True)
 class SandboxLimits:
     "What sandboxed code may use."
@@ -70,7 +70,7 @@ class Isolation:
         "One line per guarantee that cannot be given."
         return "\n".join(f"not guaranteed: {GUARANTEES[k]}" for k in self.missing) or "all isolation guarantees hold"
 
-# %% ../nbs/12_sandbox.ipynb #f35d8497
+# %% ../nbs/12_sandbox.ipynb #f1d31d7b
 _ISOLATION: Isolation | None = None
 
 def _namespace_flags(root: bool) -> list[str]:
@@ -91,7 +91,7 @@ def isolation(refresh: bool = False) -> Isolation:
     _ISOLATION = Isolation(works, drop, missing)
     return _ISOLATION
 
-# %% ../nbs/12_sandbox.ipynb #a92807e7
+# %% ../nbs/12_sandbox.ipynb #f1e37ed9
 class CodecError(ValueError):
     "A message that cannot be encoded or decoded."
 
@@ -157,7 +157,7 @@ def _encode_tensor(x, out, blob):
     data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
     out.extend(b"X"); blob(name.encode()); blob(json.dumps([list(t.shape), bool(x.requires_grad)]).encode()); blob(data)
 
-# %% ../nbs/12_sandbox.ipynb #86751ad5
+# %% ../nbs/12_sandbox.ipynb #87794c57
 def decode(data: bytes, handle=None, allow_pickle: bool = False):
     "Decode what `encode` wrote; `handle(id, type_name)` makes the proxy for a handle; pickle only when allowed."
     view, pos = memoryview(data), 0
@@ -235,7 +235,7 @@ def _decode_tensor(name: bytes, meta, data: bytes):
     if name == "bfloat16": t = t.view(torch.bfloat16)
     return t.requires_grad_() if grad and t.is_floating_point() else t
 
-# %% ../nbs/12_sandbox.ipynb #f916a453
+# %% ../nbs/12_sandbox.ipynb #96fa0d34
 _MS = dict(RDONLY=1, NOSUID=2, NODEV=4, NOEXEC=8, REMOUNT=32, NOATIME=1024, NODIRATIME=2048, BIND=4096, REC=16384,
            PRIVATE=1 << 18, RELATIME=1 << 21)
 
@@ -271,7 +271,8 @@ def _setup() -> None:
             keep = sum(m for s, m in ((os.ST_NOSUID, ms["NOSUID"]), (os.ST_NODEV, ms["NODEV"]), (os.ST_NOEXEC, ms["NOEXEC"]),
                                       (os.ST_NOATIME, ms["NOATIME"]), (os.ST_NODIRATIME, ms["NODIRATIME"]), (os.ST_RELATIME, ms["RELATIME"])) if st & s)
             _mount(libc, None, point, None, ms["REMOUNT"] | ms["BIND"] | ms["RDONLY"] | keep)
-        except OSError as e: failures.append(f"{point} stays writable ({e.strerror})")
+        except OSError as e:
+            if e.errno != 2: failures.append(f"{point} stays writable ({e.strerror})")  # ENOENT: covered by a hidden path
     _mount(libc, spec["work"], spec["work"], None, ms["BIND"])
     _mount(libc, None, spec["work"], None, ms["REMOUNT"] | ms["BIND"] | ms["NOSUID"] | ms["NODEV"])
     try: _mount(libc, "tmpfs", "/dev/shm", "tmpfs", ms["NOSUID"] | ms["NODEV"], "size=64m,mode=1777")
@@ -282,7 +283,7 @@ def _setup() -> None:
     os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
                           sys.executable, "-c", "from course_lib.sandbox import _main; _main()", json.dumps(spec)])
 
-# %% ../nbs/12_sandbox.ipynb #9d718d43
+# %% ../nbs/12_sandbox.ipynb #9a084304
 class SandboxTimeout(Exception):
     "Sandboxed code ran past its time limit."
 
@@ -331,7 +332,7 @@ def _main() -> None:
         return
     _Worker(spec).serve()
 
-# %% ../nbs/12_sandbox.ipynb #aa0a30f3
+# %% ../nbs/12_sandbox.ipynb #de80fdaa
 class RemoteError(Exception):
     "An exception raised by sandboxed code whose type is not a built-in one."
 
@@ -346,7 +347,7 @@ def _rebuild_error(name: str, message: str, tb: str) -> Exception:
     else:
         try: error = _BUILTIN_ERRORS[name](message) if name in _BUILTIN_ERRORS else RemoteError(f"{name}: {message}")
         except Exception: error = RemoteError(f"{name}: {message}")
-    if tb: error.add_note("in the sandbox:\n" + tb[-3000:])
+    error.sandbox_traceback = tb[-3000:]
     return error
 
 class _Endpoint:
@@ -397,7 +398,7 @@ class _Endpoint:
             try: self.send(("ok", ident, value))
             except CodecError as e: self.send(("err", ident, "CodecError", str(e), ""))
 
-# %% ../nbs/12_sandbox.ipynb #f468d2f6
+# %% ../nbs/12_sandbox.ipynb #6b90218d
 class _Callback:
     "Inside the sandbox: a callable or iterator the caller passed in, used across the pipe."
     def __init__(self, endpoint, ident: int, name: str): self._endpoint, self._id, self._name = endpoint, ident, name
@@ -505,7 +506,7 @@ def _mutable(value) -> bool:
     if _is_numpy(value): return hasattr(value, "flags") and getattr(value, "ndim", 0) > 0
     return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
 
-# %% ../nbs/12_sandbox.ipynb #fe8444c8
+# %% ../nbs/12_sandbox.ipynb #2e82f545
 def _lib_dir() -> Path:
     "The `course_lib` package folder (the sandbox imports it from there)."
     import course_lib
@@ -574,7 +575,7 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError: pass
     proc.wait()
 
-# %% ../nbs/12_sandbox.ipynb #4c87e2f0
+# %% ../nbs/12_sandbox.ipynb #2ae60c3e
 @dataclass
 class RunResult:
     "How a `run_code` run ended."
@@ -618,7 +619,7 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits(), hidden=None, fi
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-# %% ../nbs/12_sandbox.ipynb #e2d65f28
+# %% ../nbs/12_sandbox.ipynb #1319080e
 class RemoteObject:
     "The caller's handle on an object that stays in the sandbox: call it, iterate it, read its attributes."
     def __init__(self, session, ident: int, type_name: str):
@@ -637,7 +638,7 @@ class RemoteObject:
         try: return f"<sandboxed {self._type}: {self._session._request('repr', self._id)}>"
         except Exception: return f"<sandboxed {self._type}>"
 
-# %% ../nbs/12_sandbox.ipynb #a2d7186a
+# %% ../nbs/12_sandbox.ipynb #de1ed4a2
 class Session:
     "A persistent sandboxed Python process whose code runs and whose functions are called across a pipe."
     def __init__(self, limits: SandboxLimits = SandboxLimits(), hidden=None, files=None, env: dict | None = None,
