@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['CACHE_SCHEMES', 'KV_SCHEMES', 'kv_bytes_per_token', 'LayerCache', 'FPCache', 'QuantCache', 'KIVICache', 'KVCache',
            'Sampling', 'apply_repetition_penalty', 'next_tokens', 'left_pad', 'decode_steps', 'generate', 'stream',
-           'speculative_generate']
+           'Int4Linear', 'quantize_weights', 'speculative_generate']
 
-# %% ../nbs/06_inference.ipynb #64898c0a
+# %% ../nbs/06_inference.ipynb #dd9d24c5
 import codecs
 import time
 from collections.abc import Iterator
@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import dequantize_asym, pack_bits, quantize_asym, quantize_store, unpack_bits
+from .kernels import dequantize_asym, int4_matmul, pack_bits, quantize_asym, quantize_store, unpack_bits
 from .model import Decoder, ModelConfig, filter_logits
 
-# %% ../nbs/06_inference.ipynb #97987fc7
+# %% ../nbs/06_inference.ipynb #ddef0018
 def kv_bytes_per_token(cfg: ModelConfig, scheme: str = "fp", dtype: torch.dtype = torch.float16, residual: int = 32) -> float:
     "KV-cache bytes per token over all layers for a scheme (payload + scales + zeros; KIVI's block statistics amortised)."
     h, d = cfg.n_kv_heads, cfg.head_dim
     return cfg.n_layers * CACHE_SCHEMES[_parse_scheme(scheme)[0]].bytes_per_token(h, d, _parse_scheme(scheme)[1], dtype, residual)
 
-# %% ../nbs/06_inference.ipynb #c148ab2f
+# %% ../nbs/06_inference.ipynb #c750f89e
 class LayerCache:
     "One layer's keys and values for a batch, pre-allocated for max_len positions; `update` appends and returns all so far."
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -66,7 +66,7 @@ class FPCache(LayerCache):
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (b, h_kv, s, d) views, no copy
 
-# %% ../nbs/06_inference.ipynb #eeb87912
+# %% ../nbs/06_inference.ipynb #f11a7f99
 class QuantCache(LayerCache):
     "Per-token asymmetric int8/int4 (LMDeploy): codes (b, h_kv, L, d*bits/8), float16 scale and zero (b, h_kv, L)."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=8, residual=None):
@@ -94,7 +94,7 @@ class QuantCache(LayerCache):
         self.length += t
         return self._dequantize(self.k), self._dequantize(self.v)
 
-# %% ../nbs/06_inference.ipynb #141b778d
+# %% ../nbs/06_inference.ipynb #dfc4d0f7
 class KIVICache(LayerCache):
     "KIVI: keys per channel over blocks of `residual` tokens, values per token; the newest (length mod residual) tokens in full precision."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=2, residual=32):
@@ -162,7 +162,7 @@ class KIVICache(LayerCache):
         if length < self.n_quant: raise ValueError(f"a KIVI cache cannot crop into its quantised blocks ({self.n_quant} positions)")
         super().crop(length)
 
-# %% ../nbs/06_inference.ipynb #e81c66df
+# %% ../nbs/06_inference.ipynb #991b5cca
 CACHE_SCHEMES = {"fp": FPCache, "int": QuantCache, "kivi": KIVICache}
 KV_SCHEMES = ("fp", "int8", "int4", "kivi4", "kivi2")             # the names users pass
 
@@ -194,7 +194,7 @@ class KVCache:
         "Forget positions from `length` on in every layer."
         for layer in self.layers: layer.crop(length)
 
-# %% ../nbs/06_inference.ipynb #88a352f6
+# %% ../nbs/06_inference.ipynb #8ba1b36b
 @dataclass(frozen=True)
 class Sampling:
     "How the next token is chosen; greedy ignores the rest."
@@ -224,7 +224,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | N
     probs = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)   # (b, V)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]      # (b,)
 
-# %% ../nbs/06_inference.ipynb #f5ec5651
+# %% ../nbs/06_inference.ipynb #ab1afb64
 def _as_batch(prompts) -> tuple[list[list[int]], bool]:
     "A batch of token lists from one list/1-D tensor (single=True) or a list of lists/2-D tensor."
     if isinstance(prompts, torch.Tensor): prompts = prompts.tolist()
@@ -265,7 +265,7 @@ def decode_steps(model: Decoder, prompts: list[list[int]], max_new_tokens: int, 
                        attention_mask=full_mask[:, :s] if padded else None)[:, -1]   # (b, V)
         position = position + 1
 
-# %% ../nbs/06_inference.ipynb #c5ceeb9a
+# %% ../nbs/06_inference.ipynb #7ca35308
 def _token_bytes(tokenizer, token: int) -> bytes:
     "The bytes of one token: our Tokenizer's decode_bytes, else the UTF-8 of decode()."
     return tokenizer.decode_bytes([token]) if hasattr(tokenizer, "decode_bytes") else tokenizer.decode([token]).encode()
@@ -315,7 +315,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, *,
         if all(done): break
     return out[0] if single else out
 
-# %% ../nbs/06_inference.ipynb #54d94a35
+# %% ../nbs/06_inference.ipynb #8f48ee73
 @torch.no_grad()
 def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: int, *, eos_id: int | None = None,
            stop: tuple[str, ...] | list[str] = (), kv: str = "fp", generator: torch.Generator | None = None,
@@ -336,7 +336,33 @@ def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: i
         if token == eos_id or any(s in text for s in stop): return
     if tail := utf8.decode(b"", final=True): yield -1, tail            # a dangling partial character, flushed
 
-# %% ../nbs/06_inference.ipynb #e484e0e8
+# %% ../nbs/06_inference.ipynb #88244504
+class Int4Linear(torch.nn.Module):
+    "A bias-free linear layer with group-wise 4-bit weights (course_lib.quant.GroupQuant); forward through kernels.int4_matmul."
+    def __init__(self, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False):
+        super().__init__()
+        from course_lib.quant import quantize_groupwise
+        if linear.bias is not None: raise ValueError("Int4Linear supports bias-free layers (the course's model has none)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.q = quantize_groupwise(linear.weight.detach(), bits=4, group_size=min(group_size, linear.in_features), symmetric=symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_matmul(x, self.q)                                   # (..., out)
+
+def quantize_weights(model: Decoder, group_size: int = 128, symmetric: bool = False) -> dict:
+    "Replace every attention and MLP linear layer of `model` by an Int4Linear in place; returns bytes before and after."
+    before = after = 0
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = Int4Linear(child, group_size, symmetric)
+                    before += child.weight.numel() * 2                  # counted as fp16, the usual baseline
+                    after += quantized.q.nbytes()
+                    setattr(parent, name, quantized)
+    return {"fp16_bytes": before, "int4_bytes": after}
+
+# %% ../nbs/06_inference.ipynb #2b6832e4
 @torch.no_grad()
 def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max_new_tokens: int, k: int = 4,
                          eos_id: int | None = None) -> tuple[list[int], dict]:

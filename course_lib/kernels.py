@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['KV_BITS', 'triton_available', 'pack_bits', 'unpack_bits', 'quantize_asym', 'dequantize_asym', 'quantize_store',
-           'merge_splits', 'decode_attention']
+           'merge_splits', 'decode_attention', 'int4_matmul']
 
-# %% ../nbs/06b_kernels.ipynb #1b945483
+# %% ../nbs/06b_kernels.ipynb #c6f7ae65
 import math
 import os
 
@@ -22,7 +22,7 @@ except ImportError:                                                     # the re
     triton = tl = None
     constexpr = int                                                     # kernels are defined, never launched
 
-# %% ../nbs/06b_kernels.ipynb #ddd31456
+# %% ../nbs/06b_kernels.ipynb #898590fb
 KV_BITS = (2, 4, 8)                             # bit-widths a packed row supports
 
 def triton_available(device: torch.device | str) -> bool:
@@ -46,7 +46,7 @@ def _jit(fn):
     if key not in _COMPILED: _COMPILED[key] = triton.jit(fn)
     return _COMPILED[key]
 
-# %% ../nbs/06b_kernels.ipynb #332c40ef
+# %% ../nbs/06b_kernels.ipynb #678f57ac
 def _check_bits(bits: int):
     if bits not in KV_BITS: raise ValueError(f"unsupported bit-width {bits}; supported: {KV_BITS}")
 
@@ -66,7 +66,7 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)   # (..., d)
 
-# %% ../nbs/06b_kernels.ipynb #788e4b32
+# %% ../nbs/06b_kernels.ipynb #ca95c938
 def quantize_asym(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Min-max asymmetric codes along dim: (codes uint8, scale fp16, zero fp16), statistics with dim kept as size 1."
     _check_bits(bits)
@@ -82,7 +82,7 @@ def dequantize_asym(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     "codes * scale + zero, in dtype."
     return (codes.float() * scale.float() + zero.float()).to(dtype)
 
-# %% ../nbs/06b_kernels.ipynb #6074afd3
+# %% ../nbs/06b_kernels.ipynb #ddf542de
 def _quantize_store_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, sx_b, sx_h, sx_t, sx_d, H, T, start, L,
                            P: constexpr, BITS: constexpr,
                            BLOCK_P: constexpr):
@@ -132,7 +132,7 @@ def quantize_store(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, ze
     codes[:, :, start:start + t] = pack_bits(c, bits)
     scale[:, :, start:start + t], zero[:, :, start:start + t] = s[..., 0], z[..., 0]
 
-# %% ../nbs/06b_kernels.ipynb #d0128124
+# %% ../nbs/06b_kernels.ipynb #336384d3
 def _decode_attention_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
                              H, H_KV, L, S, CHUNK, N_SPLITS, sm_scale,
                              P: constexpr, BITS: constexpr,
@@ -220,3 +220,49 @@ def decode_attention(q: torch.Tensor, k_cache: tuple, v_cache: tuple, length: in
     v = dequantize_asym(unpack_bits(v_cache[0][:, :, :length], bits), v_cache[1][:, :, :length, None], v_cache[2][:, :, :length, None])
     mask = None if valid is None else valid[:, None, None, :length].bool()   # (b, 1, 1, s)
     return sdpa_attention(q[:, :, None].float(), k, v, causal=False, mask=mask)[:, :, 0].to(q.dtype)   # (b, h, d)
+
+# %% ../nbs/06b_kernels.ipynb #1638d1aa
+def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G, sx_m, sx_k,
+                        SYMMETRIC: constexpr, BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)                                   # byte columns of this k block
+    n_groups = K // G
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + 2 * half                                            # (BK/2,) the even input columns
+        keep_k = cols < K
+        # x's even and odd columns, (BM, BK/2) each
+        xm = (offs_m[:, None] < M) & keep_k[None, :]
+        x_even = tl.load(x_ptr + offs_m[:, None] * sx_m + cols[None, :] * sx_k, mask=xm, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + offs_m[:, None] * sx_m + (cols[None, :] + 1) * sx_k, mask=xm, other=0.0).to(tl.float32)
+        # W's bytes for these columns, (BN, BK/2): low nibble = even column, high = odd
+        wm = (offs_n[:, None] < N) & keep_k[None, :]
+        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (cols[None, :] // 2), mask=wm, other=0).to(tl.int32)
+        group = offs_n[:, None] * n_groups + cols[None, :] // G         # (BN, BK/2) index of each column's group
+        scale = tl.load(s_ptr + group, mask=wm, other=0.0)
+        if SYMMETRIC:
+            zero = 8.0
+        else:
+            zero = tl.load(z_ptr + group, mask=wm, other=0).to(tl.float32)
+        w_even = ((packed & 0xF).to(tl.float32) - zero) * scale        # dequantised in registers
+        w_odd = ((packed >> 4).to(tl.float32) - zero) * scale
+        acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
+        acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+def int4_matmul(x: torch.Tensor, q, backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    "x (..., in) @ W.T for a 4-bit GroupQuant W (out, in) from course_lib.quant, dequantising tile by tile -> (..., out); Triton writes into `out` (m, out) fp32 if given."
+    from course_lib.quant import dequantize_groupwise
+    if q.bits != 4 or len(q.shape) != 2: raise ValueError(f"int4_matmul needs a 2-D 4-bit GroupQuant, got bits={q.bits}, shape {tuple(q.shape)}")
+    n, k = q.shape
+    if x.shape[-1] != k: raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    if not _use_triton(backend, x.device): return x @ dequantize_groupwise(q, x.dtype).T   # (..., out)
+    x2 = x.reshape(-1, k)                                               # (m, in)
+    y = out if out is not None else torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(x2.shape[0], 16), triton.cdiv(n, 32))
+    zero = q.zero if q.zero is not None else q.scale                    # an unused pointer when symmetric
+    _jit(_int4_matmul_kernel)[grid](x2, q.data, q.scale.contiguous(), zero.contiguous(), y, x2.shape[0], n, k, q.group_size,
+                                    *x2.stride(), SYMMETRIC=q.zero is None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    return y.view(*x.shape[:-1], n).to(x.dtype)                         # (..., out)

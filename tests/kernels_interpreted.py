@@ -69,3 +69,21 @@ def test_decode_attention_kernel_matches_float64(bits, b, h, h_kv, S, d, splits)
     got = decode_attention(q, planes[0], planes[1], S, bits, valid=valid, n_splits=splits, backend="triton")
     assert got.shape == (b, h, d) and torch.isfinite(got).all()
     assert ((got.double() - want).norm() / want.norm()).item() <= 1e-3
+
+
+@pytest.mark.parametrize("m,n,k,group,symmetric", [(1, 1, 32, 32, False), (7, 45, 96, 32, False), (5, 33, 64, 64, True), (3, 17, 128, 128, False)])
+def test_int4_matmul_kernel_matches_float64(m, n, k, group, symmetric):
+    from course_lib.kernels import int4_matmul
+    from course_lib.quant import quantize_groupwise
+    torch.manual_seed(m * n)
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    q = quantize_groupwise(w, bits=4, group_size=group, symmetric=symmetric)
+    # dequantised by hand in float64 from the documented layout (even column = low nibble)
+    codes = torch.stack([q.data & 0xF, q.data >> 4], dim=-1).reshape(n, k).double()
+    zero = q.zero.double() if q.zero is not None else torch.full_like(q.scale, 8, dtype=torch.float64)
+    w_deq = (codes - zero.repeat_interleave(group, 1)) * q.scale.double().repeat_interleave(group, 1)
+    want = x.double() @ w_deq.T
+    y = torch.full((m, n), float("nan"))                                 # poisoned: the kernel must write every element
+    got = int4_matmul(x, q, backend="triton", out=y)
+    assert got.shape == (m, n) and torch.isfinite(got).all()
+    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-3

@@ -149,3 +149,23 @@ def test_speculative_equals_target_greedy(model):
     assert stats["acceptance_rate"] == 1.0                               # the target as its own draft always agrees
     with pytest.raises(ValueError, match="draft vocabulary"):
         speculative_generate(model, Decoder(tiny(vocab_size=50)), p, 5)
+
+
+def test_int4_weights_match_dequantised_float64_model(model):
+    import copy
+
+    from course_lib.inference import Int4Linear, quantize_weights
+    from course_lib.quant import dequantize_groupwise
+    q = copy.deepcopy(model)
+    sizes = quantize_weights(q, group_size=32)
+    assert isinstance(q.layers[1].mlp.down_proj, Int4Linear) and sizes["int4_bytes"] < 0.3 * sizes["fp16_bytes"]
+    # the same model with each weight replaced by its dequantised copy, in float64, is the reference
+    ref = copy.deepcopy(model).double()
+    for block_q, block_ref in zip(q.layers, ref.layers):
+        for part in ("self_attn", "mlp"):
+            for name, child in getattr(block_q, part).named_children():
+                if isinstance(child, Int4Linear):
+                    getattr(getattr(block_ref, part), name).weight.data = dequantize_groupwise(child.q, torch.float64)
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(q(idx).double(), ref(idx), atol=1e-4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.kernels import decode_attention, pack_bits, quantize_asym, unpack_bits
+from course_lib.kernels import decode_attention, int4_matmul, pack_bits, quantize_asym, unpack_bits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +48,14 @@ def test_decode_attention_errors():
         decode_attention(torch.zeros(1, 1, 8), planes, planes, 5, bits=8, backend="torch")
     with pytest.raises(ValueError, match="backend must be"):
         decode_attention(torch.zeros(1, 1, 8), planes, planes, 2, bits=8, backend="gpu")
+
+
+def test_int4_matmul_reference_path_and_errors():
+    from course_lib.quant import quantize_groupwise
+    x, w = torch.randn(3, 64, dtype=torch.float64), torch.randn(5, 64)
+    q = quantize_groupwise(w, bits=4, group_size=32)
+    assert int4_matmul(x.float(), q, backend="torch").shape == (3, 5)
+    with pytest.raises(ValueError, match="expects 64"):
+        int4_matmul(torch.randn(3, 63), q, backend="torch")
+    with pytest.raises(ValueError, match="4-bit GroupQuant"):
+        int4_matmul(x.float(), quantize_groupwise(w, bits=8, group_size=32), backend="torch")
