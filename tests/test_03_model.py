@@ -8,10 +8,9 @@ import torch.nn.functional as F
 
 from course_lib.model import (PRESETS, Decoder, ModelConfig, apply_rope, count_params, export_hf, filter_logits,
                               flops_per_token, from_hf, generate, get_config, hf_config, load_checkpoint_tensors,
-                              load_hf_state_dict, reference_attention, rope_cos_sin, sdpa_attention)
+                              load_hf_state_dict, padding_mask, reference_attention, rope_cos_sin, sdpa_attention)
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny(**kw) -> ModelConfig:
@@ -267,3 +266,32 @@ def test_sampling_filters_match_transformers_warpers():
         torch.testing.assert_close(ours.softmax(-1), ref.softmax(-1))
     with pytest.raises(ValueError, match="temperature"):
         filter_logits(scores, 0.0)
+
+
+@pytest.mark.parametrize("t", [1, 3, 6])
+def test_sdpa_with_fewer_queries_than_keys_is_bottom_right_aligned(t):
+    "A KV-cache step: t queries are the last t of s=7 positions; both attentions must equal those rows of full attention."
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ kr.transpose(-2, -1) / math.sqrt(8)
+    full = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf")).softmax(-1) @ vr   # by hand, float64
+    assert torch.allclose(sdpa_attention(q[:, :, -t:], k, v), full[:, :, -t:], atol=1e-10)
+    assert torch.allclose(reference_attention(q[:, :, -t:], k, v), full[:, :, -t:], atol=1e-10)
+
+
+def test_padding_mask_hides_pads_and_left_padded_rows_match_unpadded():
+    torch.manual_seed(0)
+    m = Decoder(tiny()).eval()
+    a, b = torch.randint(0, 97, (5,)), torch.randint(0, 97, (3,))
+    idx = torch.stack([a, torch.cat([torch.zeros(2, dtype=torch.long), b])])   # b left-padded by 2
+    attn = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = m(idx, positions=positions, attention_mask=attn)
+        assert torch.allclose(out[0], m(a[None])[0], atol=1e-5)
+        assert torch.allclose(out[1, 2:], m(b[None])[0], atol=1e-5)
+    mask = padding_mask(attn, 5)
+    assert not mask[1, 0, 4, :2].any() and mask[1, 0, 0, 0]     # real queries never see pads; a pad sees itself
+    with pytest.raises(ValueError, match="covers 5 positions"):
+        padding_mask(attn, 6)
