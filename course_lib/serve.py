@@ -14,9 +14,10 @@ Decisions:
 
 # %% auto #0
 __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'parse_tool_calls', 'chat_prompt', 'ChatMessage',
-           'CompletionRequest', 'ChatRequest', 'APIError', 'Detokenizer', 'create_app', 'load_for_serving', 'serve']
+           'CompletionRequest', 'ChatRequest', 'APIError', 'Detokenizer', 'create_app', 'load_for_serving',
+           'serve_in_thread', 'serve', 'serve_stage', 'chat_demo']
 
-# %% ../nbs/07b_server.ipynb #76fba4ae
+# %% ../nbs/07b_server.ipynb #d9409a2a
 import asyncio
 import json
 import queue
@@ -30,9 +31,10 @@ from typing import AsyncIterator, Literal
 
 from .engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
 from .model import Decoder, from_hf
+from .core import RunContext, demo, stage
 from .tokenizer import EOT, Tokenizer, load_tokenizer, render_chat
 
-# %% ../nbs/07b_server.ipynb #f81ce061
+# %% ../nbs/07b_server.ipynb #8e7f94db
 class AsyncEngine:
     "The engine on a background thread: `stream()` yields a request's StepOutputs; cancelling it aborts the request."
     def __init__(self, engine: LLMEngine):
@@ -104,7 +106,7 @@ class AsyncEngine:
     def shutdown(self):
         self._stopped = True; self._wake.set(); self.thread.join(timeout=5)
 
-# %% ../nbs/07b_server.ipynb #28aad905
+# %% ../nbs/07b_server.ipynb #da1f70c0
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 def render_tools(tools: list[dict]) -> str:
@@ -146,7 +148,7 @@ def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> str:
         else: rendered.insert(0, {"role": "system", "content": render_tools(tools)})
     return render_chat(rendered, add_generation_prompt=True)
 
-# %% ../nbs/07b_server.ipynb #4d3c0865
+# %% ../nbs/07b_server.ipynb #ac897ac9
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -192,7 +194,7 @@ class APIError(Exception):
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
 
-# %% ../nbs/07b_server.ipynb #64fe97d1
+# %% ../nbs/07b_server.ipynb #a35eb7f3
 class Detokenizer:
     "Incremental detokenisation: the text each new token adds, holding back an incomplete UTF-8 character."
     def __init__(self, tokenizer: Tokenizer):
@@ -352,7 +354,7 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
     yield first
     async for item in rest: yield item
 
-# %% ../nbs/07b_server.ipynb #de126d2d
+# %% ../nbs/07b_server.ipynb #1d208829
 def load_for_serving(model_dir: str | Path, dtype=None) -> tuple[Decoder, Tokenizer, list[int]]:
     "Model, tokenizer and eos ids from a Hugging Face folder (config.json, weights, tokenizer.json)."
     folder = Path(model_dir)
@@ -360,10 +362,30 @@ def load_for_serving(model_dir: str | Path, dtype=None) -> tuple[Decoder, Tokeni
         raise FileNotFoundError(f"{folder} is not a model folder: no config.json (the pretrain stage writes runs/NAME/pretrain/model)")
     if (folder / "adapter_config.json").is_file():
         raise ValueError(f"{folder} holds a LoRA adapter: merge it into its base model first (chapter 5), then serve the merged folder")
-    if not (folder / "tokenizer.json").is_file(): raise FileNotFoundError(f"no tokenizer.json in {folder}")
     model = from_hf(folder) if dtype is None else from_hf(folder, dtype=dtype)
     eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
-    return model, load_tokenizer(folder), [eos] if isinstance(eos, int) else list(eos or [])
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if (folder / "tokenizer.json").is_file(): return model, load_tokenizer(folder), eos
+    print(f"[camp] no tokenizer.json in {folder}: serving UTF-8 bytes as tokens", flush=True)
+    return model, Tokenizer({i: bytes([i]) for i in range(256)}, []), eos
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[str, callable]:
+    "Run `app` under uvicorn on a background thread (port 0: a free one); returns (base URL, stop function)."
+    import socket
+    import uvicorn
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0)); port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="camp-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive(): raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    def stop():
+        server.should_exit = True; thread.join(timeout=10)
+    return f"http://{host}:{port}", stop
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, **engine_args) -> None:
@@ -374,3 +396,94 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_
     app = create_app(engine, tokenizer, model_name or Path(model_dir).resolve().name, api_key, eos)
     print(f"[camp] serving {model_dir} on http://{host}:{port}/v1 ({engine.bm.num_blocks} KV blocks of {engine.bm.block_size})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+# %% ../nbs/07b_server.ipynb #6a06a92e
+def _model_folder(run: str | Path | None) -> Path:
+    "The model a demo or stage serves: `run` itself, its pretrain/model, or the newest run's."
+    from course_lib.core import newest_artifact
+    for candidate in ([Path(run), Path(run) / "pretrain" / "model"] if run else []):
+        if (candidate / "config.json").is_file(): return candidate
+    if run: raise FileNotFoundError(f"no model folder (config.json) in {run} or {run}/pretrain/model")
+    if found := newest_artifact("pretrain/model/config.json"): return found.parent
+    raise FileNotFoundError("no trained model: run `camp run` first, or pass --run RUN_FOLDER")
+
+@stage("serve", order=70)
+def serve_stage(ctx: RunContext) -> str:
+    "Smoke-test serving: the run's model behind the server on loopback, driven by the openai client."
+    import openai
+    model, tokenizer, eos = load_for_serving(_model_folder(ctx.run_dir))
+    engine = LLMEngine(model, EngineConfig(num_blocks=128, block_size=16))
+    url, stop = serve_in_thread(create_app(engine, tokenizer, "camp", eos_ids=eos))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        names = [m.id for m in client.models.list()]
+        start = time.perf_counter()
+        stream = client.chat.completions.create(model="camp", messages=[{"role": "user", "content": "def add(a, b):"}],
+                                                max_tokens=24, temperature=0, stream=True)
+        times, text = [], ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content: times.append(time.perf_counter()); text += chunk.choices[0].delta.content
+        metrics = json.loads(_http_get(url + "/metrics"))
+    finally: stop()
+    ttft = (times[0] - start) * 1000 if times else float("nan")
+    ctx.summary["serve"] = {"models": names, "ttft_ms": round(ttft, 1), "metrics": metrics}
+    if metrics["kv_blocks_used"] != 0: raise RuntimeError(f"the server leaked {metrics['kv_blocks_used']} KV blocks")
+    return (f"Served the run's model at {url}/v1 and chatted through the `openai` client: models {names}, "
+            f"time to first token {ttft:.0f} ms, {metrics['generated_tokens']} tokens generated, "
+            f"{metrics['kv_blocks_used']} of {metrics['kv_blocks_total']} KV blocks held afterwards.\n\n"
+            f"Reply (greedy): `{text[:200]!r}`")
+
+def _http_get(url: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=30) as r: return r.read().decode()
+
+# %% ../nbs/07b_server.ipynb #24295d55
+@demo("chat")
+def chat_demo(run: str | None = None):
+    "A Gradio chat that talks to the server through the openai client (a server of its own on loopback, or $CAMP_OPENAI_BASE_URL)."
+    import os
+    import gradio as gr
+    import openai
+    base_url, name = os.environ.get("CAMP_OPENAI_BASE_URL"), os.environ.get("CAMP_OPENAI_MODEL", "camp")
+    if base_url is None:                                                # serve the run's model ourselves
+        model, tokenizer, eos = load_for_serving(_model_folder(run))
+        url, _ = serve_in_thread(create_app(LLMEngine(model, EngineConfig()), tokenizer, name, eos_ids=eos))
+        base_url = url + "/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("CAMP_OPENAI_API_KEY", "none"), max_retries=0)
+    metrics_url = base_url.removesuffix("/v1") + "/metrics"
+
+    def respond(message: str, history: list[dict], system: str, temperature: float, max_tokens: float):
+        "Stream the assistant's reply into the chat, and its raw text into the reply box."
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
+                   [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": message}]
+        history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        stream = client.chat.completions.create(model=name, messages=messages, temperature=temperature,
+                                                max_tokens=int(max_tokens), stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                history[-1]["content"] += chunk.choices[0].delta.content
+                yield history, history[-1]["content"], ""
+        yield history, history[-1]["content"], ""
+
+    def metrics() -> dict: return json.loads(_http_get(metrics_url))
+
+    with gr.Blocks(title="LLM Camp: chat") as app:
+        gr.Markdown(f"# Chat with the served model\nThrough the `openai` client at `{base_url}`; any OpenAI-compatible "
+                    "server works (set `CAMP_OPENAI_BASE_URL`).")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="chat", elem_id="chatbot")
+                box = gr.Textbox(label="message", elem_id="message", placeholder="Say something and press Enter")
+                with gr.Row():
+                    system = gr.Textbox(label="system prompt", value="", elem_id="system")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", elem_id="temperature")
+                    max_tokens = gr.Slider(1, 512, value=64, step=1, label="max tokens", elem_id="max-tokens")
+                reply = gr.Textbox(label="last reply, raw", elem_id="reply", lines=3)
+            with gr.Column(scale=1):
+                panel = gr.JSON(label="engine metrics", elem_id="metrics")
+                refresh = gr.Button("refresh metrics", elem_id="refresh")
+        box.submit(respond, [box, chatbot, system, temperature, max_tokens], [chatbot, reply, box]).then(metrics, None, panel)
+        refresh.click(metrics, None, panel)
+        gr.Timer(2.0).tick(metrics, None, panel)
+        app.load(metrics, None, panel)
+    return app

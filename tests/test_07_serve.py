@@ -214,3 +214,17 @@ def test_camp_serve_command(server, tmp_path):
         assert got == server["tok"].decode(_greedy(server, server["tok"].encode("def main():"), 6))
     finally:
         proc.terminate(); proc.wait(timeout=20)
+
+
+def test_serve_stage_reports_and_leaks_nothing(server, tmp_path):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.model import export_hf
+    from course_lib.serve import serve_stage
+    from course_lib.tokenizer import save_hf
+    folder = tmp_path / "pretrain" / "model"
+    save_hf(server["tok"], folder)
+    export_hf(server["model"], folder, tokenizer=folder)
+    ctx = RunContext(tmp_path, load_settings("ci"))
+    report = serve_stage(ctx)
+    assert "time to first token" in report and "0 of 128 KV blocks held" in report
+    assert ctx.summary["serve"]["models"] == ["camp"] and ctx.summary["serve"]["metrics"]["generated_tokens"] > 0
