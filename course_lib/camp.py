@@ -172,6 +172,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("settings", help="show the settings a run would use")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     s.add_argument("--tier")
+    sv = sub.add_parser("serve", help="serve a model folder over an OpenAI-compatible API (chapter 7)")
+    sv.add_argument("model_dir", help="a Hugging Face-layout folder: config.json, weights, tokenizer.json")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--model-name", help="the id clients ask for (default: the folder's name)")
+    sv.add_argument("--num-blocks", type=int, default=256, help="KV-cache blocks in the pool")
+    sv.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sv.add_argument("--no-prefix-caching", action="store_true", help="turn off reuse of cached prompt prefixes")
     rm = sub.add_parser("readme", help="render README.md from nbs/index.ipynb")
     rm.add_argument("--check", action="store_true", help="fail if README.md differs instead of writing it")
     return p
@@ -196,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed, out=args.out)
             print(format_grade(result))
             print(f"[camp] grade written to {args.out or Path(args.notebook).parent / 'grade.json'}")
+        elif args.command == "serve":
+            from course_lib.serve import serve
+            serve(args.model_dir, args.host, args.port, args.api_key, args.model_name, num_blocks=args.num_blocks,
+                  block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching)
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":

@@ -1,0 +1,142 @@
+"""Chapter 7 benchmark: the paged engine behind the OpenAI-compatible server, over HTTP on loopback.
+
+1. Continuous batching vs one request at a time (the same server with max_num_seqs=1) at 1, 4, 16 and 64
+   concurrent streaming clients: generated tokens/s and percentiles of time to first token (TTFT) and
+   inter-token latency (ITL). Requests have varied prompt (16-128 tokens) and output (16-48 tokens) lengths.
+2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
+3. Memory: the paged pool's peak use at 64 concurrent vs a contiguous cache of max_seq_len per request.
+
+The model is the cpu-1m shape with a 1,024-token context, untrained (speed does not depend on the weights);
+byte-level tokens, no stop tokens, so every request runs to its max_tokens.
+
+    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--device cpu]
+Prints tables, then one line of JSON.
+"""
+import argparse
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+
+from course_lib.engine import EngineConfig, LLMEngine
+from course_lib.model import Decoder, get_config
+from course_lib.serve import create_app
+from course_lib.tokenizer import Tokenizer
+
+
+def start_server(model, tokenizer, **engine_args):
+    "Serve on a free loopback port in a thread; returns (url, engine, stop function)."
+    engine = LLMEngine(model, EngineConfig(**engine_args))
+    peak = {"blocks": 0}
+    step = engine.step
+    def tracked():                                                      # record the pool's peak use
+        out = step(); peak["blocks"] = max(peak["blocks"], engine.bm.num_used); return out
+    engine.step, engine.peak = tracked, peak
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True); thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200: break
+        except httpx.HTTPError: time.sleep(0.05)
+    def stop():
+        server.should_exit = True; thread.join(timeout=10)
+    return url, engine, stop
+
+
+async def one_request(client, url, prompt, max_tokens):
+    "Stream one completion; (TTFT, inter-token gaps)."
+    start = time.perf_counter(); times = []
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]": times.append(time.perf_counter())
+    return times[0] - start, list(np.diff(times))
+
+
+async def run_load(url, requests, concurrency):
+    "Send `requests` with at most `concurrency` in flight; wall time, TTFTs and ITLs."
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def limited(prompt, n):
+            async with sem: return await one_request(client, url, prompt, n)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(p, n) for p, n in requests))
+    return time.perf_counter() - start, [r[0] for r in results], [g for r in results for g in r[1]]
+
+
+def pct(values, q): return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prefix-requests", type=int, default=8)
+    args = ap.parse_args()
+    torch.manual_seed(0); rng = random.Random(0)
+    cfg = get_config("cpu-1m", vocab_size=256, max_seq_len=1024)
+    model = Decoder(cfg).to(args.device).eval()
+    tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [])    # bytes; no special tokens, so no early stops
+    levels = [int(x) for x in args.levels.split(",")]
+    rows, result = [], {"levels": {}}
+    print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}  (ms)")
+    for mode, max_seqs in (("continuous batching", 64), ("one at a time", 1)):
+        url, engine, stop = start_server(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
+                                         max_num_batched_tokens=1024, enable_prefix_caching=False)
+        asyncio.run(run_load(url, [([1] * 32, 8)] * 2, 2))                 # warm up
+        for c in levels:
+            requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48))
+                        for _ in range(max(8, min(2 * c, 64)))]
+            before = engine.stats["generated_tokens"]
+            wall, ttft, itl = asyncio.run(run_load(url, requests, c))
+            tps = (engine.stats["generated_tokens"] - before) / wall
+            print(f"{mode:<22}{c:>5}{len(requests):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}")
+            result["levels"].setdefault(mode, {})[c] = {"tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1),
+                                                        "ttft_p95_ms": round(pct(ttft, 95), 1), "itl_p50_ms": round(pct(itl, 50), 2),
+                                                        "itl_p95_ms": round(pct(itl, 95), 2)}
+            if mode == "continuous batching" and c == max(levels):
+                block_bytes = engine.cache.nbytes // engine.bm.num_blocks
+                paged = engine.peak["blocks"] * block_bytes
+                contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
+                result["memory"] = {"concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
+                                    "ratio": round(contiguous / paged, 2)}
+        stop()
+    for c in levels:
+        cb, one = result["levels"]["continuous batching"][c], result["levels"]["one at a time"][c]
+        print(f"throughput at {c:>2} concurrent: continuous batching / one at a time = {cb['tokens_per_s'] / one['tokens_per_s']:.2f}x")
+    result["speedup"] = {c: round(result["levels"]["continuous batching"][c]["tokens_per_s"] /
+                                  result["levels"]["one at a time"][c]["tokens_per_s"], 2) for c in levels}
+    m = result.get("memory")
+    if m: print(f"KV memory at {m['concurrency']} concurrent: paged peak {m['paged_peak_bytes'] / 2**20:.1f} MiB, contiguous "
+                f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
+    # prefix caching: a shared 512-token system prompt, requests one at a time
+    system = [rng.randrange(256) for _ in range(512)]
+    prompts = [system + [rng.randrange(256) for _ in range(16)] for _ in range(args.prefix_requests + 1)]
+    ttfts = {}
+    for name, on in (("prefix caching on", True), ("prefix caching off", False)):
+        url, engine, stop = start_server(model, tokenizer, num_blocks=512, block_size=16, max_num_seqs=16,
+                                         max_num_batched_tokens=1024, enable_prefix_caching=on)
+        asyncio.run(run_load(url, [(prompts[0], 2)], 1))                # the first request fills the cache
+        _, ttft, _ = asyncio.run(run_load(url, [(p, 2) for p in prompts[1:]], 1))
+        ttfts[name] = ttft; stop()
+    on, off = np.median(ttfts["prefix caching on"]) * 1000, np.median(ttfts["prefix caching off"]) * 1000
+    print(f"TTFT with a shared 512-token system prompt: on {on:.1f} ms, off {off:.1f} ms ({off / on:.2f}x lower)")
+    result["prefix_caching"] = {"ttft_on_ms": round(on, 1), "ttft_off_ms": round(off, 1), "ratio": round(off / on, 2)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

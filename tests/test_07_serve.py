@@ -1,0 +1,230 @@
+"""Chapter 7's server on a real loopback socket: the official openai client, bad input as clear 4xx, disconnects that
+free blocks, and a bounded 64-client load test. The KV block count is checked after every test."""
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from course_lib.engine import LLMEngine, SamplingParams
+from course_lib.model import Decoder, get_config
+from course_lib.serve import create_app
+from course_lib.tokenizer import DEFAULT_SPECIALS, EOT, Tokenizer, apply_chat_template, train_bpe
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    vocab, merges = train_bpe([open(json.__file__).read()], 320, special_tokens=DEFAULT_SPECIALS, processes=1)
+    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
+    torch.manual_seed(0)
+    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               d_ff=64, max_seq_len=256, init_std=0.2)).eval()
+    engine = LLMEngine(model, num_blocks=256, block_size=8, max_num_seqs=64, max_num_batched_tokens=512)
+    app = create_app(engine, tok, "tiny", api_key=KEY)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True); thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health").status_code == 200: break
+        except httpx.HTTPError: time.sleep(0.05)
+    yield {"url": url, "engine": engine, "tok": tok, "model": model}
+    srv.should_exit = True; thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    yield openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    _assert_no_leak(server["engine"])
+
+
+def _assert_no_leak(engine, timeout: float = 10.0):
+    "Every KV block back in the pool and no request left, within `timeout` (a cancel is processed between steps)."
+    deadline = time.time() + timeout
+    while time.time() < deadline and (engine.bm.num_used or engine.has_unfinished()): time.sleep(0.02)
+    assert engine.bm.num_used == 0 and not engine.has_unfinished(), engine.metrics()
+
+
+def _greedy(server, prompt_ids, n):
+    "Independent of the server: the same model through a fresh engine of its own."
+    tok = server["tok"]
+    stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
+    return LLMEngine(server["model"], num_blocks=64, block_size=8).generate([prompt_ids], SamplingParams(max_tokens=n, stop_ids=stops))[0]
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_completion_equals_engine_greedy(client, server):
+    got = client.completions.create(model="tiny", prompt="def main():", max_tokens=10, temperature=0)
+    want = _greedy(server, server["tok"].encode("def main():"), 10)
+    assert got.choices[0].text == server["tok"].decode(want)
+    assert got.usage.completion_tokens == len(want) and got.usage.prompt_tokens == len(server["tok"].encode("def main():"))
+
+
+def test_chat_and_streaming_agree(client, server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    ids = apply_chat_template(server["tok"], messages, add_generation_prompt=True)
+    assert whole.choices[0].message.content == server["tok"].decode(_greedy(server, ids, 12))
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_completion_streaming(client):
+    whole = client.completions.create(model="tiny", prompt="import os", max_tokens=8, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="import os", max_tokens=8,
+                                                                             temperature=0, stream=True))
+    assert streamed == whole.choices[0].text
+
+
+def test_tool_calls_in_openai_shape(client, server, monkeypatch):
+    "The model's tagged call text comes back as OpenAI tool_calls (the untrained model is made to say it)."
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    target = server["tok"].encode(call)
+    engine = server["engine"]
+    original = engine._sample
+    def scripted(seq, logits):                                          # sample the scripted text, then stop
+        i = len(seq.output_ids)
+        return target[i] if i < len(target) else server["tok"].special_tokens["<|im_end|>"]
+    monkeypatch.setattr(engine, "_sample", scripted)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1+2?"}], tools=tools,
+                                           max_tokens=len(target) + 2, temperature=0)
+    monkeypatch.setattr(engine, "_sample", original)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls[0].function.name == "add"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "malformed JSON"),
+    ({"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+])
+def test_bad_chat_input_is_a_clear_4xx(server, body, status, words):
+    headers = {"Authorization": f"Bearer {KEY}"} | ({} if isinstance(body, dict) else {"Content-Type": "application/json"})
+    kwargs = {"json": body} if isinstance(body, dict) else {"content": body}
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"], r.json()
+    assert httpx.get(server["url"] + "/health").status_code == 200    # still up
+    _assert_no_leak(server["engine"])
+
+
+def test_bad_completion_inputs(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body, words in [({"model": "tiny", "prompt": ""}, "empty"), ({"model": "tiny", "prompt": [999999]}, "token ids"),
+                        ({"model": "tiny"}, "prompt")]:
+        r = httpx.post(server["url"] + "/v1/completions", headers=headers, json=body, timeout=30)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    _assert_no_leak(server["engine"])
+
+
+def test_api_key_missing_or_wrong(server):
+    c = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="wrong API key"): c.models.list()
+    missing = httpx.get(server["url"] + "/v1/models")                   # the openai client refuses to send no key at all
+    assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
+    assert httpx.get(server["url"] + "/health").status_code == 200    # open, as in vLLM
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    engine = server["engine"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 100,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(6)]                         # a few events, then hang up
+        assert any(line.startswith("data: ") for line in seen)
+        assert engine.bm.num_used > 0                                   # the request holds blocks mid-stream
+    _assert_no_leak(engine)
+
+
+def test_metrics_and_openapi(server):
+    m = httpx.get(server["url"] + "/metrics").json()
+    assert {"running", "waiting", "kv_blocks_used", "kv_blocks_total", "tokens_per_s"} <= set(m)
+    schema = httpx.get(server["url"] + "/openapi.json").json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"} <= set(schema["paths"])
+
+
+def test_64_concurrent_streaming_clients(server):
+    "Bounded load: 64 streaming chats at once on loopback finish with no error and no hang."
+    async def one(client, i):
+        stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"hi {i}"}],
+                                                      max_tokens=8, temperature=0, stream=True)
+        return [c async for c in stream]
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), timeout=120)
+    results = asyncio.run(main())
+    assert len(results) == 64 and all(r and r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+    assert server["engine"].metrics()["generated_tokens"] >= 64
+    _assert_no_leak(server["engine"])
+
+
+def test_camp_serve_command(server, tmp_path):
+    "`camp serve MODEL_DIR` on loopback with an API key, driven by the openai client, then stopped."
+    import subprocess, sys
+    from pathlib import Path
+    from course_lib.model import export_hf
+    from course_lib.tokenizer import save_hf
+    folder = tmp_path / "model"
+    save_hf(server["tok"], folder)
+    export_hf(server["model"], folder, tokenizer=folder)
+    port = _free_port()
+    camp = Path(sys.executable).with_name("camp")
+    proc = subprocess.Popen([str(camp), "serve", str(folder), "--port", str(port), "--api-key", "k2", "--num-blocks", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200: break
+            except httpx.HTTPError: time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["model"]
+        got = c.completions.create(model="model", prompt="def main():", max_tokens=6, temperature=0).choices[0].text
+        assert got == server["tok"].decode(_greedy(server, server["tok"].encode("def main():"), 6))
+    finally:
+        proc.terminate(); proc.wait(timeout=20)
+
+
+def test_serve_stage_reports_and_leaks_nothing(server, tmp_path):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.model import export_hf
+    from course_lib.serve import serve_stage
+    from course_lib.tokenizer import save_hf
+    folder = tmp_path / "pretrain" / "model"
+    save_hf(server["tok"], folder)
+    export_hf(server["model"], folder, tokenizer=folder)
+    ctx = RunContext(tmp_path, load_settings("ci"))
+    report = serve_stage(ctx)
+    assert "time to first token" in report and "0 of 128 KV blocks held" in report
+    assert ctx.summary["serve"]["models"] == ["camp"] and ctx.summary["serve"]["metrics"]["generated_tokens"] > 0
