@@ -10,7 +10,7 @@ from course_lib.model import (PRESETS, Decoder, ModelConfig, apply_rope, count_p
                               flops_per_token, from_hf, generate, get_config, hf_config, load_checkpoint_tensors,
                               load_hf_state_dict, reference_attention, rope_cos_sin, sdpa_attention)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (required: the [hf] extra; missing, it must fail the suite, not skip it)
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
