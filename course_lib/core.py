@@ -6,8 +6,8 @@
 __all__ = ['DTYPES', 'T', 'READERS', 'STAGES', 'DEMOS', 'set_seed', 'get_device', 'resolve_dtype', 'fast_bf16', 'dtype_bytes',
            'human_bytes', 'stable_hash', 'split_of', 'run_dir', 'progress', 'Settings', 'SettingsError', 'parse_value',
            'parse_key_values', 'find_settings_file', 'load_settings', 'from_settings', 'embedded_corpus',
-           'limit_records', 'read_corpus', 'RunContext', 'Stage', 'stage', 'demo', 'discover', 'atomic_path',
-           'newest_artifact', 'write_jsonl', 'corpus_stage', 'corpus_demo']
+           'limit_records', 'error_record', 'read_html', 'read_pdf', 'read_corpus', 'RunContext', 'Stage', 'stage',
+           'demo', 'discover', 'atomic_path', 'newest_artifact', 'write_jsonl', 'corpus_stage', 'corpus_demo']
 
 # %% ../nbs/00_core.ipynb #7f020c00
 import configparser
@@ -280,52 +280,119 @@ def limit_records(records: Iterable[dict], max_docs: int | None = None, max_byte
         yield rec
 
 # %% ../nbs/00_core.ipynb #e6b47cb9
+def error_record(path: Path, error: str, size: int, kind: str = "prose", id: str | None = None) -> dict:
+    "A record for input that could not be read: empty text, `meta['error']` = 'reason: detail'."
+    meta = {"source": str(path), "kind": kind, "bytes": size, "error": error}
+    return {"id": id or path.as_posix(), "text": "", "meta": meta}
+
 def _read_text_file(path: Path) -> Iterator[dict]:
     raw = path.read_bytes()
-    yield {"id": path.as_posix(), "text": raw.decode("utf-8", errors="replace"),
-           "meta": {"source": str(path), "kind": "code" if path.suffix == ".py" else "prose", "bytes": len(raw)}}
+    kind = "code" if path.suffix == ".py" else "prose"
+    meta = {"source": str(path), "kind": kind, "bytes": len(raw)}
+    yield {"id": path.as_posix(), "text": raw.decode("utf-8", errors="replace"), "meta": meta}
 
-def _record_from_row(row: dict, path: Path, line: int) -> dict:
-    "A corpus record from a JSONL/Parquet row with a 'text' field (id and meta optional)."
+def _record_from_row(row: Any, path: Path, line: int, size: int) -> dict:
+    "A corpus record from a JSONL/Parquet row with a 'text' field (id and meta optional), else an error record."
+    row_id = f"{path.as_posix()}:{line}"
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        raise ValueError(f"{path}:{line}: expected an object with a string 'text' field")
-    meta = {"source": str(path), "kind": "prose", **(row.get("meta") or {})}
-    meta["bytes"] = len(row["text"].encode("utf-8"))
-    return {"id": str(row.get("id", f"{path.as_posix()}:{line}")), "text": row["text"], "meta": meta}
+        error = "no_text_field: expected an object with a string 'text' field"
+        return error_record(path, error, size, id=str(row.get("id", row_id)) if isinstance(row, dict) else row_id)
+    extra = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    meta = {"source": str(path), "kind": "prose", **extra}
+    meta["bytes"] = len(row["text"].encode("utf-8", "replace"))
+    return {"id": str(row.get("id", row_id)), "text": row["text"], "meta": meta}
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: row = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            yield _record_from_row(row, path, line_no)
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8", errors="replace"))
+            except (ValueError, RecursionError) as e:
+                reason = getattr(e, "msg", type(e).__name__)
+                yield error_record(path, f"bad_json_line: not valid JSON ({reason})", len(raw), id=f"{path.as_posix()}:{line_no}")
+                continue
+            yield _record_from_row(row, path, line_no, len(raw))
 
 def _read_parquet(path: Path) -> Iterator[dict]:
-    try: import pyarrow.parquet as pq
-    except ImportError: raise ImportError("reading Parquet needs pyarrow: pip install 'llm-camp[data]'") from None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet needs pyarrow: pip install 'llm-camp[data]'") from None
     row_no = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             row_no += 1
-            yield _record_from_row(row, path, row_no)
+            yield _record_from_row(row, path, row_no, 0)
+
+def read_html(path: Path) -> Iterator[dict]:
+    "The main text of an HTML page (trafilatura: boilerplate, menus and footers removed), paragraphs split by blank lines."
+    import trafilatura
+    raw = Path(path).read_bytes()
+    html = raw.decode("utf-8", errors="replace")
+    try:
+        text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True, deduplicate=False)
+    except Exception as e:
+        yield error_record(path, f"html_error: {type(e).__name__}", len(raw))
+        return
+    if not text:
+        yield error_record(path, "html_no_main_text", len(raw))
+        return
+    paragraphs = [line.strip() for line in text.split("\n") if line.strip()]
+    meta = {"source": str(path), "kind": "prose", "bytes": len(raw), "format": "html"}
+    yield {"id": Path(path).as_posix(), "text": "\n\n".join(paragraphs), "meta": meta}
+
+def read_pdf(path: Path) -> Iterator[dict]:
+    "The text layer of a PDF (pypdf), pages separated by blank lines; scanned pages without text give ''."
+    from pypdf import PdfReader
+    size = Path(path).stat().st_size
+    try:
+        pages = [page.extract_text() or "" for page in PdfReader(path).pages]
+    except Exception as e:
+        yield error_record(path, f"pdf_error: {type(e).__name__}", size)
+        return
+    meta = {"source": str(path), "kind": "prose", "bytes": size, "format": "pdf", "pages": len(pages)}
+    yield {"id": Path(path).as_posix(), "text": "\n\n".join(p.strip() for p in pages), "meta": meta}
 
 READERS: dict[str, Callable[[Path], Iterator[dict]]] = {
     **{s: _read_text_file for s in (".txt", ".md", ".rst", ".py")},
-    ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    ".jsonl": _read_jsonl, ".parquet": _read_parquet,
+    ".html": read_html, ".htm": read_html, ".pdf": read_pdf}
 
 # %% ../nbs/00_core.ipynb #d130a932
+def _read_files(files: list[Path], max_bytes: int | None) -> Iterator[dict]:
+    "Every file's records; a reader that fails mid-file or a record larger than `max_bytes` becomes an error record."
+    for path in files:
+        try:
+            for rec in READERS[path.suffix.lower()](path):
+                size = rec["meta"]["bytes"]
+                if max_bytes and size > max_bytes:  # subtle: it would end the whole read in limit_records
+                    rec = error_record(path, f"over_byte_cap: {human_bytes(size)} > {human_bytes(max_bytes)}", 0, id=rec["id"])
+                yield rec
+        except Exception as e:
+            yield error_record(path, f"read_error: {type(e).__name__}: {e}", 0, id=f"{path.as_posix()}#error")
+
 def read_corpus(source: str | Path | None = None, max_docs: int | None = None, max_bytes: int | None = None,
-                kinds: str | Iterable[str] = ("code", "prose")) -> Iterator[dict]:
-    "Records from `source`: None/'embedded' for the embedded corpus, else a file or folder read by `READERS`."
+                kinds: str | Iterable[str] = ("code", "prose"), errors: str = "raise") -> Iterator[dict]:
+    """Records from `source`: None/'embedded' for the embedded corpus, else a file or folder read by `READERS`.
+    An unreadable file, line or row raises ValueError (`errors='raise'`) or is passed on as a record with
+    `meta['error']` (`errors='record'`), which the cleaning chapter drops and counts."""
+    if errors not in ("raise", "record"):
+        raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
     if source in (None, "embedded"):
-        yield from embedded_corpus(kinds, max_docs, max_bytes); return
+        yield from embedded_corpus(kinds, max_docs, max_bytes)
+        return
     root = Path(source)
-    if not root.exists(): raise FileNotFoundError(f"corpus source {str(root)!r} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in READERS)
-    if root.is_file() and root.suffix not in READERS:
+    if not root.exists():
+        raise FileNotFoundError(f"corpus source {str(root)!r} does not exist")
+    if root.is_file() and root.suffix.lower() not in READERS:
         raise ValueError(f"no reader for {root.suffix!r} files; known suffixes: {', '.join(sorted(READERS))}")
-    yield from limit_records((rec for f in files for rec in READERS[f.suffix](f)), max_docs, max_bytes)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READERS)
+    for rec in limit_records(_read_files(files, max_bytes), max_docs, max_bytes):
+        if errors == "raise" and rec["meta"].get("error"):
+            raise ValueError(f"{rec['id']}: {rec['meta']['error']}")
+        yield rec
 
 # %% ../nbs/00_core.ipynb #3ec078a3
 @dataclass
@@ -339,6 +406,24 @@ class RunContext:
         path = self.run_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def input_records(self, cleaned: bool = True) -> tuple[str, Iterator[dict]]:
+        """(where from, records) for a stage: the data stage's shards when `cleaned`, else corpus/docs.jsonl,
+        else the settings' corpus. Raises when the data stage ran but kept nothing: training on the raw
+        corpus instead would hide that every document was dropped."""
+        s = self.settings
+        stats = self.run_dir / "data" / "stats.json"
+        shards = sorted((self.run_dir / "data" / "shards").glob("*.jsonl"))
+        if cleaned and shards:
+            return "data/shards", (rec for shard in shards for rec in read_corpus(shard))
+        if cleaned and stats.is_file():
+            raise ValueError(f"the data stage kept no documents of {s.corpus!r}: see {self.run_dir / 'data' / 'dropped.jsonl'} "
+                             "for why, and fix the corpus or the cleaning settings")
+        docs = self.run_dir / "corpus" / "docs.jsonl"
+        if docs.is_file():
+            return "corpus/docs.jsonl", read_corpus(docs, errors="record")
+        records = read_corpus(s.corpus, max_bytes=s.corpus_max_bytes or None, kinds=s.corpus_kinds, errors="record")
+        return f"`{s.corpus}` (no earlier stage in this run)", records
 
 @dataclass(frozen=True)
 class Stage:
@@ -403,21 +488,30 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
 
 @stage("corpus", order=0)
 def corpus_stage(ctx: RunContext) -> str:
-    "Snapshot the corpus slice the settings ask for into corpus/docs.jsonl."
+    "Snapshot the corpus slice the settings ask for into corpus/docs.jsonl; unreadable inputs are kept as error records."
     s = ctx.settings
     out = ctx.stage_dir("corpus") / "docs.jsonl"
-    records = read_corpus(s.corpus, max_bytes=s.corpus_max_bytes or None, kinds=s.corpus_kinds)
+    records = read_corpus(s.corpus, max_bytes=s.corpus_max_bytes or None, kinds=s.corpus_kinds, errors="record")
     by_kind: dict[str, list[int]] = {}
+    errors: dict[str, int] = {}
     def counted(recs):
         for rec in progress(recs, desc="corpus", unit="doc"):
-            by_kind.setdefault(rec["meta"]["kind"], [0, 0])
-            by_kind[rec["meta"]["kind"]][0] += 1; by_kind[rec["meta"]["kind"]][1] += rec["meta"]["bytes"]
+            row = by_kind.setdefault(rec["meta"]["kind"], [0, 0])
+            row[0] += 1
+            row[1] += rec["meta"]["bytes"]
+            if error := rec["meta"].get("error"):
+                errors[error.split(":")[0]] = errors.get(error.split(":")[0], 0) + 1
             yield rec
     n = write_jsonl(counted(records), out)
-    if n == 0: raise ValueError(f"the corpus {s.corpus!r} gave no documents")
-    ctx.summary["corpus"] = {"documents": n, "bytes": sum(b for _, b in by_kind.values())}
+    if n == 0:
+        raise ValueError(f"the corpus {s.corpus!r} gave no documents")
+    ctx.summary["corpus"] = {"documents": n, "bytes": sum(b for _, b in by_kind.values()), "unreadable": errors}
     rows = "\n".join(f"| {k} | {d} | {human_bytes(b)} |" for k, (d, b) in sorted(by_kind.items()))
-    return f"Source: `{s.corpus}`, {n} documents written to `corpus/docs.jsonl`.\n\n| kind | documents | bytes |\n|---|---|---|\n{rows}\n"
+    report = f"Source: `{s.corpus}`, {n} documents written to `corpus/docs.jsonl`.\n\n| kind | documents | bytes |\n|---|---|---|\n{rows}\n"
+    if errors:
+        listed = ", ".join(f"{reason} ({count})" for reason, count in sorted(errors.items()))
+        report += f"\n**{sum(errors.values())} input(s) could not be read**: {listed}. They are kept as error records, which the data stage drops and counts.\n"
+    return report
 
 # %% ../nbs/00_core.ipynb #4689df14
 @demo("corpus")

@@ -721,12 +721,8 @@ if __name__ == "__main__" and Path(sys.argv[0]).name == "pretrain.py": main()   
 
 # %% ../nbs/04_pretrain.ipynb #c24dfe67
 def _fallback_tokens(ctx: RunContext) -> Path:
-    from course_lib.core import read_corpus
-    docs_path = ctx.run_dir / "corpus" / "docs.jsonl"
-    s = ctx.settings
-    records = ([json.loads(l) for l in docs_path.read_text().splitlines() if l.strip()] if docs_path.is_file()
-               else read_corpus(s.corpus, max_bytes=s.corpus_max_bytes or None, kinds=s.corpus_kinds))
-    return write_byte_tokens(records, ctx.stage_dir("pretrain") / "byte_tokens", s.val_fraction)
+    _, records = ctx.input_records()
+    return write_byte_tokens(records, ctx.stage_dir("pretrain") / "byte_tokens", ctx.settings.val_fraction)
 
 @stage("pretrain", order=40)
 def pretrain_stage(ctx: RunContext) -> str:

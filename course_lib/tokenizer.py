@@ -9,8 +9,8 @@ __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'PATTERNS', 'EOT', 'CHAT_SPECIALS', '
            'bytes_to_unicode', 'merge_with_heap', 'Tokenizer', 'token_label', 'save_tokenizer', 'load_tokenizer',
            'render_chat', 'apply_chat_template', 'to_hf_json', 'save_hf', 'to_transformers', 'from_hf_json', 'truncate',
            'bytes_per_token', 'compression_curve', 'token_dtype', 'write_token_files', 'TokenData', 'load_tokens',
-           'write_byte_tokens', 'encode_documents', 'write_tokens', 'stage_records', 'tokenizer_stage',
-           'render_tokens_html', 'tokenizer_demo']
+           'write_byte_tokens', 'encode_documents', 'write_tokens', 'tokenizer_stage', 'render_tokens_html',
+           'tokenizer_demo']
 
 # %% ../nbs/02_tokenizer.ipynb #68a34f0f
 import heapq
@@ -720,15 +720,6 @@ def write_tokens(tok: "Tokenizer", splits: dict[str, Iterable[str]], out_dir: st
                              pattern=tok.pattern_name, **meta)
 
 # %% ../nbs/02_tokenizer.ipynb #334d2f92
-def stage_records(run: str | Path, settings) -> tuple[str, Iterator[dict]]:
-    "The tokenizer stage's input: the data stage's shards, else the corpus stage's docs, else the corpus itself."
-    run = Path(run)
-    shards = sorted((run / "data" / "shards").glob("*.jsonl"))
-    if shards: return "data/shards", (rec for shard in shards for rec in read_corpus(shard))
-    if (run / "corpus" / "docs.jsonl").is_file(): return "corpus/docs.jsonl", read_corpus(run / "corpus" / "docs.jsonl")
-    return f"corpus {settings.corpus!r} (no earlier stage in this run)", read_corpus(
-        settings.corpus, max_bytes=settings.corpus_max_bytes or None, kinds=settings.corpus_kinds)
-
 @stage("tokenizer", order=20)
 def tokenizer_stage(ctx: RunContext) -> str:
     """Train BPE on the training split, write tokenizer/tokenizer.json (HF) + tokenizer.camp.json (ours),
@@ -737,7 +728,7 @@ def tokenizer_stage(ctx: RunContext) -> str:
     import matplotlib.pyplot as plt
     s = ctx.settings
     out = ctx.stage_dir("tokenizer"); (out / "tokens").mkdir(exist_ok=True)
-    source, records = stage_records(ctx.run_dir, s)
+    source, records = ctx.input_records()  # the data stage's shards, else the corpus; an error if cleaning kept nothing
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for rec in records: splits[split_of(rec["id"], s.val_fraction)].append(rec["text"])
     if not splits["train"]: raise ValueError(f"the tokenizer stage found no training documents in {source}")

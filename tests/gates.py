@@ -36,6 +36,6 @@ def out_of_sync_modules(root: Path, scratch: Path) -> list[str]:
     out = subprocess.run([BIN / "nbdev-export"], cwd=copy, capture_output=True, text=True)
     if out.returncode != 0:
         return [f"nbdev-export failed: {out.stderr[-2000:]}"]
-    ours = {p.name: p.read_bytes() for p in (root / "course_lib").glob("*.py")}
-    fresh = {p.name: p.read_bytes() for p in (copy / "course_lib").glob("*.py")}
+    ours = {p.relative_to(root / "course_lib").as_posix(): p.read_bytes() for p in (root / "course_lib").rglob("*.py")}
+    fresh = {p.relative_to(copy / "course_lib").as_posix(): p.read_bytes() for p in (copy / "course_lib").rglob("*.py")}
     return sorted(n for n in ours.keys() | fresh.keys() if ours.get(n) != fresh.get(n))

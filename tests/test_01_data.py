@@ -1,18 +1,20 @@
 """Chapter 1 (data cleaning): MinHash/LSH against exact Jaccard, rules on hand-made documents with known
 answers, a PII table, the accounting invariant on random broken mixtures, readers, and the same kept set
 from our process pool, `datasets` and datatrove."""
+import dataclasses
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from course_lib.core import embedded_corpus
+from course_lib.core import embedded_corpus, read_corpus
 from course_lib.data import (CleanConfig, Drop, MinHasher, apply_steps, check_accounts, clean_corpus, clean_with_datasets,
                              clean_with_datatrove, content_hash, dedup_plan, estimate_jaccard, near_duplicate_clusters,
-                             quality_signals, quality_verdict, read_documents, redact, repetition_signals,
+                             quality_signals, quality_verdict, redact, repetition_signals,
                              repetition_verdict, shingles, write_shards)
 
 CFG = CleanConfig()
@@ -159,6 +161,18 @@ PII_TABLE = [
     ("a[1::2] b[::3]", None), ("at 12:30:45", None), ("dead:beef", None),
     ("2024-01-15", None), ("pi is 3.14159265358", None), ("ISBN 978-0-306-40615-7", None),
     ('password = "password"', None), ("use sk-learn", None), ('token = "short"', None),
+    # issue 11: national and E.164 phone forms, secrets assigned to names (quoted or not), and their look-alikes
+    ("toll free 1-800-555-0199", "toll free <PHONE>"), ("desk 555 123 4567.", "desk <PHONE>."),
+    ("E.164 +14155552671", "E.164 <PHONE>"), ("mobile +44 7911 123456", "mobile <PHONE>"),
+    ("office 020 7946 0958", "office <PHONE>"), ("call 4155552671 now", "call <PHONE> now"),
+    ("fax (555)-123-4567", "fax <PHONE>"),
+    ("aws_secret_access_key = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'", "aws_secret_access_key = '<SECRET>'"),
+    ("DB_PASSWORD = 'Xk9mQ2vL7pR4'", "DB_PASSWORD = '<SECRET>'"), ("GITHUB_TOKEN = 'a1b2C3d4E5f6g7'", "GITHUB_TOKEN = '<SECRET>'"),
+    ("password=hunter2xyz", "password=<SECRET>"), ('{"api_key": "9fQ2xZ7pLk3VbN8wR4tY"}', '{"api_key": "<SECRET>"}'),
+    ("INT_MAX = 2147483647", None), ("created = 1700000000", None), ("x = [200, 300, 4000]", None), ("port = 8080", None),
+    ("md5 d41d8cd98f00b204e9800998ecf8427e", None), ("order 20240115093000", None), ("token = get_token()", None),
+    ("SECRET_KEY = settings.SECRET_KEY", None), ("RC2_KEY = rc2_key_st", None), ('tokenizer = "gpt2-large-model"', None),
+    ('sort_key = "created_at_desc"', None), ("monkey = 'Banana1234Xx'", None), ("password: changeme", None),
 ]
 
 
@@ -226,7 +240,7 @@ def test_html_main_text_extraction(tmp_path):
         <main><h1>Lambdas</h1><p>{body}</p><p>Lambda forms cannot contain statements or annotations, only one expression.</p></main>
         <footer><p>Copyright 2026 Example Corp. All rights reserved. Privacy policy.</p></footer></body></html>""")
     (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 not really a pdf")
-    recs = {Path(r["id"]).name: r for r in read_documents(tmp_path)}
+    recs = {Path(r["id"]).name: r for r in read_corpus(tmp_path, errors="record")}
     text = recs["page.html"]["text"]
     assert "anonymous function" in text and "only one expression" in text
     assert "Shop now" not in text and "All rights reserved" not in text
@@ -249,13 +263,13 @@ def _pdf_with_text(lines):
 
 def test_pdf_text_layer(tmp_path):
     (tmp_path / "paper.pdf").write_bytes(_pdf_with_text(["Deduplication matters for training data.", "MinHash estimates Jaccard similarity."]))
-    rec = next(read_documents(tmp_path / "paper.pdf"))
+    rec = next(read_corpus(tmp_path / "paper.pdf", errors="record"))
     assert "Deduplication matters for training data." in rec["text"] and "MinHash estimates Jaccard" in rec["text"]
     assert rec["meta"]["pages"] == 1 and rec["meta"]["format"] == "pdf"
     from pypdf import PdfWriter
     writer = PdfWriter(); writer.add_blank_page(200, 200)
     with open(tmp_path / "blank.pdf", "wb") as f: writer.write(f)
-    rec = next(read_documents(tmp_path / "blank.pdf"))
+    rec = next(read_corpus(tmp_path / "blank.pdf", errors="record"))
     assert rec["text"] == "" and rec["meta"]["pages"] == 1   # a scanned/blank page has no text layer
     assert apply_steps(rec, CFG)[2].reason == "empty"
 
@@ -265,7 +279,7 @@ def test_100mb_single_line_file_is_dropped_not_crashing(tmp_path):
     with open(big, "wb") as f:
         for _ in range(100): f.write(b"a" * 1_000_000)
     (tmp_path / "bad-bytes.txt").write_bytes(b"caf\xe9 cr\xe8me " * 5 + b"fine text " * 200)
-    stats = clean_corpus(read_documents(tmp_path), tmp_path / "out")
+    stats = clean_corpus(read_corpus(tmp_path, errors="record"), tmp_path / "out")
     reasons = {json.loads(l)["id"].split("/")[-1]: json.loads(l)["reason"] for l in (tmp_path / "out" / "dropped.jsonl").open()}
     assert reasons["big.txt"] == "too_long"
     assert stats["input"]["docs"] == 2 and stats["input"]["bytes"] > 100_000_000
@@ -274,10 +288,10 @@ def test_100mb_single_line_file_is_dropped_not_crashing(tmp_path):
 def test_parquet_shards_round_trip(tmp_path):
     docs = list(embedded_corpus(max_docs=12))
     paths = write_shards(docs, tmp_path, fmt="parquet", max_docs=5)
-    assert [r["text"] for r in read_documents(tmp_path)] == [d["text"] for d in docs] and len(paths) == 3
+    assert [r["text"] for r in read_corpus(tmp_path, errors="record")] == [d["text"] for d in docs] and len(paths) == 3
     stats = clean_corpus(docs, tmp_path / "clean", fmt="parquet")
     assert stats["shards"] == ["shard-00000.parquet"]
-    assert len(list(read_documents(tmp_path / "clean" / "shards"))) == stats["kept"]["docs"] > 0
+    assert len(list(read_corpus(tmp_path / "clean" / "shards", errors="record"))) == stats["kept"]["docs"] > 0
 
 
 # ---------------------------------------------------------------- parallel, resumable, and other engines
@@ -330,3 +344,145 @@ def test_datatrove_local_executor_agrees(sample_corpus, ours, tmp_path):
     assert [(r["id"], r["text"]) for r in kept] == [(r["id"], r["text"]) for r in ours[1]]
     stats = json.loads((tmp_path / "dt" / "logs" / "dedup" / "stats.json").read_text())
     assert stats  # datatrove wrote its own stats for the dedup stage
+
+
+# ---------------------------------------------------------------- a folder of bad files through `camp run`'s stages
+def _bad_folder(root: Path) -> Path:
+    root.mkdir()
+    rng = random.Random(0)
+    (root / "a_random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4000)))
+    (root / "b_empty.txt").write_text("")
+    (root / "c_broken.pdf").write_bytes(b"%PDF-1.4 truncated")
+    (root / "d_huge.txt").write_text("x" * 1_500_000)  # one line, larger than the whole byte cap below
+    good = {"id": "good-row", "text": "A fine sentence about data. " * 40}
+    (root / "e_rows.jsonl").write_text(json.dumps(good) + "\n{this line is not json\n")
+    (root / "f_page.html").write_text("<html><body><article><p>" + "Clean pages keep their main text. " * 20 + "</p></article></body></html>")
+    (root / "g_zh.txt").write_text("数据清洗决定了模型的质量。" * 30)
+    (root / "h_after.md").write_text("The last file must still be read. " * 30)
+    return root
+
+
+def test_bad_folder_is_accounted_and_reading_goes_on(tmp_path):
+    from course_lib.core import RunContext, corpus_stage, load_settings
+    from course_lib.data import data_stage
+    folder = _bad_folder(tmp_path / "bad")
+    ctx = RunContext(tmp_path / "run", load_settings("ci", {"corpus": str(folder), "corpus_max_bytes": "1000000"}))
+    report = corpus_stage(ctx)  # (c) the malformed JSONL line does not abort the corpus stage
+    assert "could not be read" in report and "over_byte_cap (1)" in report and "bad_json_line (1)" in report
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "corpus" / "docs.jsonl").open()]
+    assert any(i.endswith("h_after.md") for i in ids)  # (a) the file over the cap did not end the reading
+    data_stage(ctx)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    readable = stats["steps"]["readable"]["dropped"]
+    assert {"over_byte_cap", "bad_json_line", "pdf_error", "empty"} <= set(readable), readable
+    assert stats["input"]["docs"] == len(ids) == stats["kept"]["docs"] + stats["dropped"]["docs"]
+    with pytest.raises(ValueError, match="d_huge.txt: over_byte_cap"):  # the default policy names the file instead
+        list(read_corpus(folder / "d_huge.txt", max_bytes=1_000_000))
+
+
+def test_tokenizer_refuses_a_run_whose_cleaning_kept_nothing(tmp_path):
+    from course_lib.core import RunContext, corpus_stage, load_settings
+    from course_lib.data import data_stage
+    from course_lib.tokenizer import tokenizer_stage
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    rng = random.Random(1)
+    for i in range(3):
+        (folder / f"noise{i}.txt").write_bytes(bytes(rng.randrange(256) for _ in range(3000)))
+    ctx = RunContext(tmp_path / "run", load_settings("ci", {"corpus": str(folder)}))
+    corpus_stage(ctx)
+    data_stage(ctx)
+    assert ctx.summary["data"]["kept_docs"] == 0
+    with pytest.raises(ValueError, match="kept no documents"):  # (b) never silently the raw corpus
+        tokenizer_stage(ctx)
+    assert not list((tmp_path / "run").rglob("*.bin"))
+
+
+# ---------------------------------------------------------------- step errors are loud, and there are none on the corpus
+def test_a_raising_step_is_loud_in_the_report(tmp_path, monkeypatch, capsys):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.data import DOC_STEPS, data_stage
+    def broken_quality(doc, cfg):
+        raise KeyError("a bug in a step")
+    monkeypatch.setitem(DOC_STEPS, "quality", broken_quality)
+    ctx = RunContext(tmp_path, load_settings("ci", {"corpus_max_bytes": "60000"}))
+    report = data_stage(ctx)
+    n = ctx.summary["data"]["step_errors"]
+    assert n > 0 and report.startswith(f"> **Warning: {n} document(s) were dropped because a cleaning step raised")
+    assert "KeyError" in report and "WARNING" in capsys.readouterr().out
+
+
+def test_no_step_errors_on_the_embedded_corpus(tmp_path):
+    from course_lib.data import step_errors
+    records = list(embedded_corpus(max_bytes=4_000_000))  # the cpu tier's slice: code and prose
+    stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
+    assert step_errors(tmp_path) == (0, [])
+    assert all("step_error" not in row["dropped"] for row in stats["steps"].values())
+
+
+# ---------------------------------------------------------------- exact line deduplication across documents
+def test_line_dedup_removes_lines_shared_by_enough_documents(tmp_path):
+    header = "Welcome to the Example Travel Guide, your companion for every trip."
+    footer = "Copyright 2026 Example Travel Guide. All rights reserved worldwide."
+    pair_line = "This paragraph appears in exactly two of the guides, and must stay."
+    docs = []
+    for i in range(6):
+        body = GOOD.replace("river", f"river{i}").replace("bridge", f"bridge{i}").replace("town", f"town{i}")
+        middle = f"\n\n{pair_line}" if i in (1, 4) else ""
+        docs.append({"id": f"guide-{i}", "text": f"{header}\n\n{body}{middle}\n\n{footer}", "meta": {"kind": "prose", "bytes": 0}})
+    docs.append({"id": "only-boilerplate", "text": f"{header}\n\n{footer}", "meta": {"kind": "prose", "bytes": 0}})
+    code = {"id": "code", "text": "\n".join(f"x{i} = compute_something_long(value_{i})  # a code line" for i in range(40)),
+            "meta": {"kind": "code", "bytes": 0}}
+    cfg = CleanConfig(steps=("readable", "normalise", "exact_dedup", "near_dedup", "line_dedup"), line_dedup_min_docs=3)
+    stats = clean_corpus(docs + [code], tmp_path / "one", cfg, workers=1)
+    # the reference: count, by brute force, the documents holding each long stripped line
+    holders = Counter(line.strip() for d in docs for line in set(d["text"].split("\n")) if len(line.strip()) >= 30)
+    expected_boilerplate = {line for line, n in holders.items() if n >= 3}
+    assert expected_boilerplate == {header, footer}
+    kept = {r["id"]: r["text"] for p in sorted((tmp_path / "one" / "shards").glob("*.jsonl")) for r in map(json.loads, p.open())}
+    assert all(header not in t and footer not in t for i, t in kept.items() if i != "code")
+    assert pair_line in kept["guide-1"] and pair_line in kept["guide-4"] and kept["code"] == code["text"]
+    dropped = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "one" / "dropped.jsonl").open()}
+    assert dropped == {"only-boilerplate": "only_boilerplate"}
+    assert stats["line_dedup"]["lines_removed"] == 2 * 7 and stats["line_dedup"]["documents_changed"] == 7
+    row = stats["steps"]["line_dedup"]
+    assert (row["docs_in"], row["docs_out"]) == (8, 7) and row["bytes_out"] < row["bytes_in"]
+    # the same result with two worker processes and small shards
+    two = clean_corpus(docs + [code], tmp_path / "two", dataclasses.replace(cfg, shard_docs=2), workers=2)
+    assert two["kept"] == stats["kept"] and two["line_dedup"] == stats["line_dedup"]
+
+
+# ---------------------------------------------------------------- near-duplicates near the threshold
+def _binomial_tail(n, p, m):
+    from math import comb
+    return sum(comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(m, n + 1))
+
+
+def test_near_dedup_rates_over_a_jaccard_grid_match_theory():
+    from course_lib.data import candidate_probability, lsh_params, pair_rates, planted_pairs
+    levels = np.round(np.arange(0.5, 1.0001, 0.05), 2)
+    pairs = planted_pairs(levels, pairs_per_level=200, set_size=200, seed=3)
+    for a, b, j in pairs[::97]:  # the planted similarity is the exact Jaccard of the two sets
+        sa, sb = set(a.tolist()), set(b.tolist())
+        assert len(sa & sb) / len(sa | sb) == pytest.approx(j) and len(sa) == len(sb) == 200
+    threshold, num_perm = 0.8, 128
+    rates = pair_rates(pairs, threshold, num_perm, seed=11)
+    bands, rows = lsh_params(threshold, num_perm)
+    must_agree = int(np.ceil(threshold * num_perm))
+    jac = rates["jaccard"]
+    expected_flag = {}
+    for level in levels:
+        at = np.isclose(jac, level, atol=0.01)
+        s = jac[at][0]  # the exact similarity of this level (k / (2n - k) is not exactly the grid value)
+        p_candidate = candidate_probability(s, bands, rows)
+        expected_flag[level] = p_candidate * _binomial_tail(num_perm, s, must_agree)
+        assert abs(rates["candidate"][at].mean() - p_candidate) < 0.12, (level, rates["candidate"][at].mean(), p_candidate)
+        assert abs(rates["flagged"][at].mean() - expected_flag[level]) < 0.12, (level, rates["flagged"][at].mean())
+    truth = jac >= threshold - 1e-9
+    recall = (rates["flagged"] & truth).sum() / truth.sum()
+    precision = (rates["flagged"] & truth).sum() / rates["flagged"].sum()
+    above = [lv for lv in levels if lv >= threshold]
+    expected_recall = np.mean([expected_flag[lv] for lv in above])
+    expected_precision = sum(expected_flag[lv] for lv in above) / sum(expected_flag.values())
+    assert abs(recall - expected_recall) < 0.04 and abs(precision - expected_precision) < 0.03, (recall, precision)
+    assert recall > 0.85 and precision > 0.95  # and what that means for the course's threshold

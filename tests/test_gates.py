@@ -41,6 +41,14 @@ def test_sync_gate_fails_on_a_hand_edited_module(repo_root, tmp_path):
     assert out_of_sync_modules(tmp_path / "edited", tmp_path / "scratch") == ["core.py"]
 
 
+def test_sync_gate_sees_modules_in_subpackages(repo_root, tmp_path):
+    _copy_repo(repo_root, tmp_path / "edited")
+    with open(tmp_path / "edited" / "course_lib" / "data" / "pii.py", "a") as f:
+        f.write("\nHAND_EDIT = 1\n")
+    (tmp_path / "edited" / "course_lib" / "data" / "stale.py").write_text("# a module no notebook exports\n")
+    assert out_of_sync_modules(tmp_path / "edited", tmp_path / "scratch") == ["data/pii.py", "data/stale.py"]
+
+
 def test_clean_gate_fails_on_execution_noise(repo_root, tmp_path):
     _copy_repo(repo_root, tmp_path / "edited")
     nb_path = tmp_path / "edited" / "nbs" / "00_core.ipynb"
