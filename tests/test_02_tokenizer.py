@@ -365,3 +365,9 @@ def test_load_tokens_names_what_is_wrong(tmp_path):
     (folder / "val.bin").unlink()
     with pytest.raises(FileNotFoundError, match="val.bin"):
         load_tokens(folder)
+
+
+def test_the_tie_break_rule_is_credited_to_cs336():
+    "Ties go to the greatest pair: Stanford CS336's rule (GPT-2's trainer was never published; HF's prefers the smallest ids)."
+    doc = tokenizer_module.__doc__
+    assert "CS336" in doc and "GPT-2-trainer" not in doc

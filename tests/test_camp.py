@@ -179,3 +179,17 @@ def test_required_dependencies_are_imported_not_skipped():
             if name.split(".")[0].lower() in required:
                 skipped.append(f"{path.name}: importorskip({name!r})")
     assert "transformers" in required and not skipped, skipped
+
+
+def test_labs_and_benchmarks_import_only_public_names():
+    "Labs and benchmarks use the library as a student would: no `_private` name from course_lib (they used three)."
+    pattern = re.compile(r"from course_lib[\w.]* import \(?([^)\n]+(?:\n[^)\n]+)*)\)?")
+    private = []
+    sources = {p: p.read_text() for p in REPO.glob("benchmarks/*.py")}
+    for nb in REPO.glob("labs/*.ipynb"):
+        sources[nb] = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+    for path, text in sources.items():
+        for names in pattern.findall(text):
+            private += [f"{path.name}: {n.strip()}" for n in names.replace("\n", ",").split(",") if n.strip().startswith("_")]
+        private += [f"{path.name}: {m}" for m in re.findall(r"course_lib(?:\.\w+)+\._\w+", text)]
+    assert not private, private
