@@ -226,7 +226,7 @@ class TrainConfig:
     grad_clip: float = 1.0            # global-norm clip (0 = off)
     eval_every: int = Settings.eval_every  # steps between validation losses and samples (0 = only at the end)
     eval_batches: int = 8             # validation batches per evaluation
-    sample_tokens: int = 64           # tokens generated per sample
+    sample_tokens: int = 64           # tokens generated per sample (0 = no samples)
     ckpt_every: int = Settings.eval_every  # steps between checkpoints (0 = only at the end)
     dtype: str = Settings.dtype       # autocast dtype: auto | float32 | bfloat16
     device: str = Settings.device     # auto | cpu | cuda | mps
@@ -358,14 +358,15 @@ def _deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 # %% ../nbs/04_pretrain.ipynb #19ad334f
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              autocast: contextlib.AbstractContextManager | None = None) -> float:
-    "The loss per target token over `batches` of (inputs, targets); targets -100 are not counted."
+              autocast: contextlib.AbstractContextManager | None = None, loss_fn: Callable | None = None) -> float:
+    """The loss per target token over `batches` of (inputs, targets); targets -100 are not counted.
+    The model computes it (`model(x, targets=y)`), or `loss_fn(logits, targets)` on its logits when given."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
         with autocast or contextlib.nullcontext():
-            loss = model(x, targets=y)                                   # mean over the kept targets, no (b, t, V) logits
+            loss = model(x, targets=y) if loss_fn is None else loss_fn(model(x), y)   # mean over the kept targets
         kept = int((y != -100).sum())
         total += loss.item() * kept
         count += kept
@@ -621,7 +622,8 @@ def train(cfg: TrainConfig,
         # every eval_every steps and at the end: the validation loss and a sample
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             bare = engine.module if engine is not None else model
-            log.write({"step": done, "val_loss": mean_loss(bare, source.val_batches(cfg.batch_size, cfg.eval_batches, device), autocast)})
+            val_batches = source.val_batches(cfg.batch_size, cfg.eval_batches, device)
+            log.write({"step": done, "val_loss": mean_loss(bare, val_batches, autocast, None if cfg.fused_loss else loss_fn)})
             if cfg.sample_tokens:
                 log.write({"step": done, "sample": sample_text(bare, source.eos_id, cfg.sample_tokens, cfg.seed, device, tokenizer_path)})
         # every ckpt_every steps, at the end and where asked to stop: a checkpoint
