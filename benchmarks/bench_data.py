@@ -1,9 +1,11 @@
 """Chapter 1 benchmark: the cleaning pipeline's throughput with 1 and 2 processes, and our MinHash-LSH vs
 datasketch's MinHash + MinHashLSH on the same shingles (speed on the real corpus; recall and precision on
-planted near-duplicates against exact Jaccard).
+planted near-duplicates against exact Jaccard, and candidate/flag rates over a grid of Jaccard 0.5-1.0
+against the theoretical S-curve).
 
     .venv/bin/python benchmarks/bench_data.py                  # whole embedded corpus (~32 MB)
     .venv/bin/python benchmarks/bench_data.py --max-bytes 4000000
+    .venv/bin/python benchmarks/bench_data.py --grid-only      # only the near-threshold grid (seconds)
 
 Prints a table with ratios and ends with one line of JSON.
 """
@@ -19,7 +21,8 @@ os.environ.setdefault("CAMP_PROGRESS", "0")
 import numpy as np
 
 from course_lib.core import embedded_corpus, human_bytes
-from course_lib.data import language_identifier, CleanConfig, MinHasher, clean_corpus, lsh_params, near_duplicate_clusters, normalise, shingles
+from course_lib.data import (CleanConfig, MinHasher, candidate_probability, clean_corpus, language_identifier, lsh_params,
+                             near_duplicate_clusters, normalise, pair_rates, planted_pairs, shingles)
 
 
 def pipeline(docs, workers):
@@ -75,12 +78,64 @@ def planted(seed=0, n_base=400, words=200):
     return [" ".join(d) for d in docs]
 
 
+def datasketch_rates(pairs, threshold, num_perm):
+    "datasketch's MinHashLSH (same bands and rows) on each planted pair: candidate, and flagged after the exact check."
+    from datasketch import MinHash, MinHashLSH
+    candidate, flagged = [], []
+    params = lsh_params(threshold, num_perm)
+    for a, b, _ in pairs:
+        ma, mb = MinHash(num_perm=num_perm, seed=1, hashfunc=int), MinHash(num_perm=num_perm, seed=1, hashfunc=int)
+        ma.update_batch(a.tolist())
+        mb.update_batch(b.tolist())
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=params)
+        lsh.insert("a", ma)
+        is_candidate = "a" in lsh.query(mb)
+        candidate.append(is_candidate)
+        flagged.append(is_candidate and ma.jaccard(mb) >= threshold)
+    return {"jaccard": np.array([j for _, _, j in pairs]), "candidate": np.array(candidate), "flagged": np.array(flagged)}
+
+
+def grid(threshold, num_perm, pairs_per_level=200):
+    "Candidate and flag rates per planted Jaccard level, recall and precision at the threshold, ours and datasketch's."
+    levels = np.round(np.arange(0.5, 1.0001, 0.05), 2)
+    pairs = planted_pairs(levels, pairs_per_level=pairs_per_level, set_size=200, seed=0)
+    bands, rows = lsh_params(threshold, num_perm)
+    results, timings = {}, {}
+    for name, fn in (("ours", lambda: pair_rates(pairs, threshold, num_perm)),
+                     ("datasketch", lambda: datasketch_rates(pairs, threshold, num_perm))):
+        start = time.perf_counter()
+        rates = fn()
+        timings[name] = time.perf_counter() - start
+        jac, truth = rates["jaccard"], rates["jaccard"] >= threshold - 1e-9
+        per_level = [{"jaccard": float(lv), "candidate": float(rates["candidate"][np.isclose(jac, lv, atol=0.01)].mean()),
+                      "flagged": float(rates["flagged"][np.isclose(jac, lv, atol=0.01)].mean())} for lv in levels]
+        true_flags = (rates["flagged"] & truth).sum()
+        results[name] = {"recall": round(float(true_flags / truth.sum()), 4),
+                         "precision": round(float(true_flags / max(rates["flagged"].sum(), 1)), 4),
+                         "levels": per_level, "seconds": round(timings[name], 2)}
+    print(f"\nNear-threshold grid: {pairs_per_level} planted pairs per Jaccard level, threshold {threshold}, "
+          f"{num_perm} permutations, {bands} bands x {rows} rows")
+    print("| Jaccard | S-curve | ours candidate | ours flagged | datasketch candidate | datasketch flagged |\n|---|---|---|---|---|---|")
+    for o, d in zip(results["ours"]["levels"], results["datasketch"]["levels"]):
+        print(f"| {o['jaccard']:.2f} | {candidate_probability(o['jaccard'], bands, rows):.3f} | {o['candidate']:.3f} | "
+              f"{o['flagged']:.3f} | {d['candidate']:.3f} | {d['flagged']:.3f} |")
+    for name in ("ours", "datasketch"):
+        r = results[name]
+        print(f"{name}: recall {r['recall']}, precision {r['precision']} at Jaccard >= {threshold}; {r['seconds']} s")
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-bytes", type=int, default=0, help="corpus slice (0 = the whole embedded corpus)")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--num-perm", type=int, default=128)
+    parser.add_argument("--grid-only", action="store_true", help="only the near-threshold grid, not the corpus runs")
     args = parser.parse_args()
+    near = grid(args.threshold, args.num_perm)
+    if args.grid_only:
+        print(json.dumps({"bench": "data", "grid": {k: {m: v[m] for m in ("recall", "precision", "seconds")} for k, v in near.items()}}))
+        return
     docs = list(embedded_corpus(max_bytes=args.max_bytes or None))
     size = sum(d["meta"]["bytes"] for d in docs)
     print(f"corpus: {len(docs)} documents, {human_bytes(size)}; {os.cpu_count()} CPUs", flush=True)
@@ -121,7 +176,8 @@ def main():
                       "speedup_2_vs_1": round(speedup, 3),
                       "lsh": {"ours_s": round(ours_total, 3), "datasketch_s": round(ds_total, 3),
                               "datasketch_over_ours": round(ds_total / ours_total, 3), "pair_agreement": round(agree, 4),
-                              "planted": quality, "docs": len(sets), "shingles": n_shingles}}))
+                              "planted": quality, "docs": len(sets), "shingles": n_shingles},
+                      "grid": {k: {m: v[m] for m in ("recall", "precision", "seconds")} for k, v in near.items()}}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 
 from course_lib.core import embedded_corpus, human_bytes
-from course_lib.tokenizer import (EOT, Tokenizer, _finish_vocab, bpe_merges, count_pretokens, merge, pair_counts,
+from course_lib.tokenizer import (EOT, Tokenizer, build_vocab, bpe_merges, count_pretokens, merge, pair_counts,
                                   train_bpe, train_bpe_naive)
 
 
@@ -74,7 +74,7 @@ def main():
     merges = bpe_merges({w.encode("utf-8"): n for w, n in counts.items()}, args.vocab - 257)
     r["ours_merge_s"] = time.perf_counter() - start
     r["ours_train_s"] = r["ours_count_s"] + r["ours_merge_s"]
-    tok = Tokenizer(_finish_vocab(merges, [EOT]), merges, [EOT])
+    tok = Tokenizer(build_vocab(merges, [EOT]), merges, [EOT])
     hf, r["hf_train_s"] = hf_tokenizer_trained(texts, args.vocab)
     hf_merges = json.loads(hf.to_str())["model"]["merges"]
     r["distinct_pretokens"] = len(counts)

@@ -450,3 +450,39 @@ def test_line_dedup_removes_lines_shared_by_enough_documents(tmp_path):
     # the same result with two worker processes and small shards
     two = clean_corpus(docs + [code], tmp_path / "two", dataclasses.replace(cfg, shard_docs=2), workers=2)
     assert two["kept"] == stats["kept"] and two["line_dedup"] == stats["line_dedup"]
+
+
+# ---------------------------------------------------------------- near-duplicates near the threshold
+def _binomial_tail(n, p, m):
+    from math import comb
+    return sum(comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(m, n + 1))
+
+
+def test_near_dedup_rates_over_a_jaccard_grid_match_theory():
+    from course_lib.data import candidate_probability, lsh_params, pair_rates, planted_pairs
+    levels = np.round(np.arange(0.5, 1.0001, 0.05), 2)
+    pairs = planted_pairs(levels, pairs_per_level=200, set_size=200, seed=3)
+    for a, b, j in pairs[::97]:  # the planted similarity is the exact Jaccard of the two sets
+        sa, sb = set(a.tolist()), set(b.tolist())
+        assert len(sa & sb) / len(sa | sb) == pytest.approx(j) and len(sa) == len(sb) == 200
+    threshold, num_perm = 0.8, 128
+    rates = pair_rates(pairs, threshold, num_perm, seed=11)
+    bands, rows = lsh_params(threshold, num_perm)
+    must_agree = int(np.ceil(threshold * num_perm))
+    jac = rates["jaccard"]
+    expected_flag = {}
+    for level in levels:
+        at = np.isclose(jac, level, atol=0.01)
+        s = jac[at][0]  # the exact similarity of this level (k / (2n - k) is not exactly the grid value)
+        p_candidate = candidate_probability(s, bands, rows)
+        expected_flag[level] = p_candidate * _binomial_tail(num_perm, s, must_agree)
+        assert abs(rates["candidate"][at].mean() - p_candidate) < 0.12, (level, rates["candidate"][at].mean(), p_candidate)
+        assert abs(rates["flagged"][at].mean() - expected_flag[level]) < 0.12, (level, rates["flagged"][at].mean())
+    truth = jac >= threshold - 1e-9
+    recall = (rates["flagged"] & truth).sum() / truth.sum()
+    precision = (rates["flagged"] & truth).sum() / rates["flagged"].sum()
+    above = [lv for lv in levels if lv >= threshold]
+    expected_recall = np.mean([expected_flag[lv] for lv in above])
+    expected_precision = sum(expected_flag[lv] for lv in above) / sum(expected_flag.values())
+    assert abs(recall - expected_recall) < 0.04 and abs(precision - expected_precision) < 0.03, (recall, precision)
+    assert recall > 0.85 and precision > 0.95  # and what that means for the course's threshold

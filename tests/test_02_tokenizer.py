@@ -324,3 +324,50 @@ def test_encode_iterable_equals_encode_for_any_chunking(trained, text, cuts):
     spaced = Tokenizer(trained["gpt4"][0].vocab, trained["gpt4"][0].merges, [*DEFAULT_SPECIALS, "a <|x|>"], pattern="gpt4")
     spaced_text = text.replace("abc", "a <|x|>")
     assert list(spaced.encode_iterable(iter([spaced_text[:c] if i == 0 else spaced_text[c:] for i, c in enumerate([len(spaced_text) // 2] * 2)]))) == spaced.encode(spaced_text)
+
+
+# --- the token-file contract (one writer, one reader) -------------------------------------------
+
+def test_token_files_round_trip_and_dtype_rule(tmp_path):
+    "Written in chunks, read back with plain numpy (an independent reader) and with load_tokens; uint16 exactly while ids fit."
+    import numpy as np
+    from course_lib.tokenizer import load_tokens, token_dtype, write_byte_tokens, write_token_files
+    rng = np.random.default_rng(0)
+    for vocab_size, on_disk in ((257, np.uint16), (2**16, np.uint16), (2**16 + 1, np.uint32), (100_000, np.uint32)):
+        chunks = [rng.integers(0, vocab_size, n) for n in (5, 0, 1000)]
+        folder = write_token_files({"train": iter(chunks), "val": chunks[0]}, tmp_path / str(vocab_size), vocab_size, eos_id=0)
+        assert token_dtype(vocab_size) == on_disk
+        assert np.fromfile(folder / "train.bin", dtype=on_disk).tolist() == np.concatenate(chunks).tolist()
+        data = load_tokens(folder)
+        assert data.train.tolist() == np.concatenate(chunks).tolist() and data.val.tolist() == chunks[0].tolist()
+        assert json.loads((folder / "meta.json").read_text())["n_tokens"] == {"train": 1005, "val": 5}
+    with pytest.raises(ValueError, match="outside"):
+        write_token_files({"train": np.array([0, 2**16])}, tmp_path / "bad", 2**16, 0)
+    # the byte-level stand-in: ids are the UTF-8 bytes, each document closed by 256
+    folder = write_byte_tokens([{"id": "a", "text": "hé"}, {"id": "b", "text": "x"}], tmp_path / "bytes", val_fraction=0.0)
+    assert load_tokens(folder).train.tolist() == [104, 0xC3, 0xA9, 256, 120, 256]
+
+
+def test_load_tokens_names_what_is_wrong(tmp_path):
+    import numpy as np
+    from course_lib.tokenizer import load_tokens, write_token_files
+    with pytest.raises(FileNotFoundError, match="tokenizer stage"):
+        load_tokens(tmp_path / "missing")
+    folder = write_token_files({"train": np.arange(20), "val": np.arange(20)}, tmp_path / "t", 256, 0)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(meta | {"dtype": "uint32"}))
+    with pytest.raises(ValueError, match="does not fit vocab_size"):
+        load_tokens(folder)
+    (folder / "meta.json").write_text(json.dumps(meta | {"n_tokens": {"train": 21}}))
+    with pytest.raises(ValueError, match="meta.json says 21"):
+        load_tokens(folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "val.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="val.bin"):
+        load_tokens(folder)
+
+
+def test_the_tie_break_rule_is_credited_to_cs336():
+    "Ties go to the greatest pair: Stanford CS336's rule (GPT-2's trainer was never published; HF's prefers the smallest ids)."
+    doc = tokenizer_module.__doc__
+    assert "CS336" in doc and "GPT-2-trainer" not in doc

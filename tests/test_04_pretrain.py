@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from course_lib.core import fast_bf16
 from course_lib.model import Decoder, from_hf, get_config
 from course_lib.pretrain import (AdamW, BatchSource, CosineSchedule, TokenBatches, TrainConfig, clip_grad_norm, cross_entropy,
-                                 eval_batches, get_batch, load_checkpoint, load_tokens, param_groups, read_log, save_checkpoint,
-                                 train, write_token_files)
+                                 eval_batches, get_batch, load_checkpoint, param_groups, read_log, save_checkpoint, train)
+from course_lib.tokenizer import load_tokens, write_token_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,19 +80,22 @@ def test_adamw_equals_torch_step_for_step(wd, betas):
         AdamW(a.parameters(), betas=(1.0, 0.9))
 
 
-def test_cosine_schedule_matches_torch_schedulers():
-    sched = CosineSchedule(6e-4, warmup_steps=25, total_steps=300, min_lr_ratio=0.05)
+@pytest.mark.parametrize("warmup,total,floor", [(25, 300, 0.05), (1, 50, 0.1), (0, 40, 0.0), (10, 10, 0.1)])
+def test_cosine_schedule_matches_transformers(warmup, total, floor):
+    "Step for step equal to transformers' cosine-with-floor schedule, step 0 of a warm-up included (lr 0, its convention)."
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    sched = CosineSchedule(6e-4, warmup_steps=warmup, total_steps=total, min_lr_ratio=floor)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=6e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = torch.optim.lr_scheduler.SequentialLR(opt, [
-            torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 25, end_factor=1.0, total_iters=24),
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=275, eta_min=6e-4 * 0.05)], milestones=[25])
-        lrs = []
-        for _ in range(300):
-            lrs.append(opt.param_groups[0]["lr"]); opt.step(); ref.step()
-    np.testing.assert_allclose([sched(s) for s in range(300)], lrs, rtol=1e-9, atol=1e-12)
-    assert sched(10_000) == pytest.approx(6e-4 * 0.05)
+    ref = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=floor)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose([sched(s) for s in range(total)], lrs, rtol=1e-9, atol=1e-15)
+    if warmup:
+        assert sched(0) == 0.0
+    assert sched(10_000) == pytest.approx(6e-4 * floor)
     with pytest.raises(ValueError, match="warmup_steps"):
         CosineSchedule(1e-3, warmup_steps=10, total_steps=5)
 
@@ -123,8 +126,6 @@ def test_batches_and_bad_token_files(tokens, tmp_path):
     assert windows[0][1, 0].item() == data.val[50]
     with pytest.raises(ValueError, match="fewer than one window"):
         get_batch(data.train[:10], 2, 16, np.random.default_rng(0))
-    with pytest.raises(FileNotFoundError, match="tokenizer stage"):
-        load_tokens(tmp_path / "missing")
     small = write_token_files({"train": np.arange(20), "val": np.arange(20)}, tmp_path / "small", 256, 0)
     with pytest.raises(ValueError, match="fewer than one window"):
         train(dataclasses.replace(TINY, seq_len=64), small, tmp_path / "out")
@@ -356,3 +357,28 @@ def test_save_and_load_checkpoint_in_a_users_own_loop(tmp_path):
     assert torch.equal(model.weight, straight.weight) and torch.equal(model.bias, straight.bias)
     with pytest.raises(ValueError, match="was made for note 'mine'"):
         load_checkpoint(tmp_path / "ck.pt", model, expect={"note": "theirs"})
+
+
+# --- one settings path --------------------------------------------------------------------------
+
+def test_train_config_from_settings_and_its_defaults_are_the_settings():
+    from course_lib.core import Settings, load_settings
+    s = load_settings("ci", ["steps=3", "warmup_steps=10", "lr=1e-3", "dtype=float32"])
+    cfg = TrainConfig.from_settings(s)
+    assert (cfg.preset, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.dtype, cfg.ckpt_every) == (s.model_preset, 3, 3, 1e-3, "float32", s.eval_every)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.eval_every, cfg.seed, cfg.device) == (
+        s.batch_size, s.grad_accum, s.seq_len, s.eval_every, s.seed, s.device)
+    assert TrainConfig.from_settings(s, steps=8).steps == 8
+    # no default repeated: a bare TrainConfig is the bare Settings' run
+    assert TrainConfig() == TrainConfig.from_settings(Settings(), warmup_steps=Settings.warmup_steps)
+
+
+def test_command_line_reads_values_by_the_settings_rules():
+    "The same words mean the same thing on `camp run` and `python -m course_lib.pretrain` (booleans were read two ways)."
+    from course_lib.pretrain import parse_overrides
+    cfg, extra = parse_overrides(["data=d", "out=o", "compile=on", "activation_checkpointing=yes", "steps=1_000", "resume=no",
+                                  "stop_at=3"])
+    assert (cfg.compile, cfg.activation_checkpointing, cfg.steps) == (True, True, 1000)
+    assert extra == {"data": "d", "out": "o", "resume": False, "stop_at": 3}
+    with pytest.raises(SystemExit, match="did you mean 'steps'"):
+        parse_overrides(["setps=3"])
