@@ -414,7 +414,7 @@ def test_a_raising_step_is_loud_in_the_report(tmp_path, monkeypatch, capsys):
 
 def test_no_step_errors_on_the_embedded_corpus(tmp_path):
     from course_lib.data import step_errors
-    records = list(embedded_corpus(max_bytes=4_000_000))  # the cpu tier's slice: code and prose
+    records = list(embedded_corpus(kinds="code,prose,zh", max_bytes=4_000_000))  # the cpu tier's slice
     stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
     assert step_errors(tmp_path) == (0, [])
     assert all("step_error" not in row["dropped"] for row in stats["steps"].values())
@@ -581,3 +581,21 @@ def test_near_duplicate_reviews_found_on_character_shingles():
     assert abs(estimate_jaccard(sig[0], sig[1]) - exact_ab) < 0.1 and estimate_jaccard(sig[0], sig[2]) < 0.1
     roots, _ = near_duplicate_clusters(sig, 0.8)
     assert roots == [0, 0, 2]
+
+
+def test_accounts_per_language_add_up_and_keep_chinese(tmp_path):
+    records = list(embedded_corpus(kinds="code,prose,zh", max_bytes=500_000))
+    stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
+    langs = stats["languages"]
+    assert set(langs) == {"code", "en", "zh"}
+    for key in ("docs", "bytes"):
+        assert sum(b["input"][key] for b in langs.values()) == stats["input"][key]
+    kept_by_lang = Counter(r["meta"].get("lang", "code") if r["meta"]["kind"] != "code" else "code"
+                           for p in (tmp_path / "shards").glob("*.jsonl") for r in map(json.loads, p.open()))
+    for lang, books in langs.items():
+        assert books["steps"]["line_dedup"]["docs_out"] == kept_by_lang[lang]  # the books match the shards
+    assert kept_by_lang["zh"] > 10 and langs["zh"]["input"]["docs"] == sum(1 for r in records if r["meta"].get("lang") == "zh")
+    broken = json.loads(json.dumps(stats))
+    broken["languages"]["zh"]["steps"]["quality"]["docs_out"] += 1
+    with pytest.raises(RuntimeError, match="for language 'zh'"):
+        check_accounts(broken)
