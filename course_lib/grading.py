@@ -6,7 +6,7 @@
 __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_homework', 'grade', 'format_grade',
            'grade_folder', 'strip_solutions', 'assign']
 
-# %% ../nbs/11_grading.ipynb #ba2161a9
+# %% ../nbs/11_grading.ipynb #acde7840
 """Grading homework notebooks.
 
 - The student's notebook runs in a `course_lib.sandbox.Session`: its own process, with limits, no network, a private folder, and no view of the solutions, the grading tests or the repository's history.
@@ -18,7 +18,7 @@ __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_
 - One source notebook per homework; `assign` replaces each solution region by `raise NotImplementedError()` at its indentation (the nbgrader/otter pattern, written small).
 """
 
-# %% ../nbs/11_grading.ipynb #d33112cb
+# %% ../nbs/11_grading.ipynb #9a7257ea
 import ast
 import csv
 import ctypes
@@ -40,7 +40,7 @@ import pytest
 
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session, default_hidden, isolation
 
-# %% ../nbs/11_grading.ipynb #01015329
+# %% ../nbs/11_grading.ipynb #4cb81494
 @dataclass(frozen=True)
 class Limits:
     "What a graded notebook may use; exceeding a limit costs the marks not yet earned, never the grader."
@@ -52,7 +52,7 @@ class Limits:
 
 GradingTimeout = SandboxTimeout
 
-# %% ../nbs/11_grading.ipynb #34f6a219
+# %% ../nbs/11_grading.ipynb #e852f005
 def _dotted(node, aliases: dict) -> str | None:
     "The dotted name an expression refers to, through import aliases; None if it is not a name chain."
     if isinstance(node, ast.Name): return aliases.get(node.id, node.id)
@@ -88,7 +88,7 @@ def rule_violations(sources: list[str], forbidden) -> list[str]:
                 if rule := hit(name): found.append(f"code cell {number}, line {getattr(node, 'lineno', '?')}: uses {rule}")
     return sorted(set(found))
 
-# %% ../nbs/11_grading.ipynb #bb9ce1c1
+# %% ../nbs/11_grading.ipynb #c6df0669
 class _StudentFunctions:
     "The `student` fixture: attribute access to the notebook's functions, with clear errors."
     def __init__(self, plugin): self._plugin = plugin
@@ -116,7 +116,7 @@ def _short_message(report) -> str:
     text = crash.message if crash else str(report.longrepr)
     return text if len(text) < 500 else text[:500] + " ..."
 
-# %% ../nbs/11_grading.ipynb #ea2f44e2
+# %% ../nbs/11_grading.ipynb #0976cee7
 class _GradingPlugin:
     "Reports the plan, runs the notebook in a sandbox once collection is done, provides fixtures, reports results."
     def __init__(self, spec: dict, send):
@@ -171,7 +171,7 @@ class _GradingPlugin:
 
 def _on_alarm(signum, frame): raise GradingTimeout("the grading test itself ran too long")
 
-# %% ../nbs/11_grading.ipynb #404f7280
+# %% ../nbs/11_grading.ipynb #b0b5bffc
 def _child(spec_json: str, result_fd: str) -> None:
     "Entry point of the grader's process (started by `grade`)."
     spec = json.loads(spec_json)
@@ -192,7 +192,7 @@ def _child(spec_json: str, result_fd: str) -> None:
         send(type="done", output=str(output)[-5000:], output_dropped=int(dropped), session_dead=plugin.session.dead if plugin.session else None)
         pipe.close()
 
-# %% ../nbs/11_grading.ipynb #aebd211d
+# %% ../nbs/11_grading.ipynb #51750654
 def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
     "The folder holding `grading/` for `notebook`: given, or the notebook's folder, or instructor/<name>/ (or the old homework/<name>/) above it."
     if homework is not None:
@@ -200,7 +200,7 @@ def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
         if not (folder / "grading").is_dir(): raise FileNotFoundError(f"{folder} has no grading/ folder")
         return folder
     if (notebook.parent / "grading").is_dir(): return notebook.parent
-    name = nbformat.read(notebook, as_version=4).metadata.get("camp", {}).get("homework") or notebook.stem
+    name = notebook.stem
     for folder in (notebook.parent.resolve(), *notebook.parent.resolve().parents, Path.cwd()):
         for kind in ("instructor", "homework"):
             if (folder / kind / name / "grading").is_dir(): return folder / kind / name
@@ -240,7 +240,7 @@ def _listen(proc: subprocess.Popen, read_fd: int, timeout_s: float) -> tuple[lis
                    f"the grading process exited with code {code} before grading finished")
     return messages, problem
 
-# %% ../nbs/11_grading.ipynb #8d0f1fd6
+# %% ../nbs/11_grading.ipynb #ab2e7b03
 def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limits = Limits(),
           seed: int | None = None, out: str | Path | None = None) -> dict:
     "Grade `notebook` against its homework's grading tests; write and return the grade (see `grade.json`)."
@@ -267,7 +267,7 @@ def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limi
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
-# %% ../nbs/11_grading.ipynb #acff0a69
+# %% ../nbs/11_grading.ipynb #120ca371
 def _assemble(messages: list[dict], problem: str | None, notebook: Path, homework: Path, seed: int, limits: Limits) -> dict:
     plan = next((m["tests"] for m in messages if m["type"] == "plan"), [])
     outcomes = {m["nodeid"]: m for m in messages if m["type"] == "test"}
@@ -297,7 +297,7 @@ def _assemble(messages: list[dict], problem: str | None, notebook: Path, homewor
             "problems": problems, "isolation_missing": iso.get("missing", list(isolation().missing)),
             "output_tail": done.get("output", "")[-2000:]}
 
-# %% ../nbs/11_grading.ipynb #8e742844
+# %% ../nbs/11_grading.ipynb #043abd93
 def format_grade(result: dict) -> str:
     "A per-question table of a grade, for the terminal."
     from rich.console import Console
@@ -316,7 +316,7 @@ def format_grade(result: dict) -> str:
     lines += [f"! not guaranteed on this machine: {GUARANTEES[k]}" for k in result.get("isolation_missing", [])]
     return "\n".join(lines)
 
-# %% ../nbs/11_grading.ipynb #99cddba2
+# %% ../nbs/11_grading.ipynb #51c58466
 def _submissions(folder: Path) -> list[tuple[str, Path]]:
     found = []
     for entry in sorted(folder.iterdir()):
@@ -348,7 +348,7 @@ def grade_folder(folder: str | Path, homework: str | Path, limits: Limits = Limi
     (out / "gradebook.json").write_text(json.dumps(book, indent=2, ensure_ascii=False) + "\n")
     return book
 
-# %% ../nbs/11_grading.ipynb #22ee59c2
+# %% ../nbs/11_grading.ipynb #e0b36c02
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
 def strip_solutions(source: str) -> str:
@@ -390,7 +390,6 @@ def assign(source: str | Path, out: str | Path | None = None) -> Path:
             try: cell.source = strip_solutions(cell.source)
             except ValueError as e: raise ValueError(f"{notebook}: {e}") from None
             cell.outputs, cell.execution_count = [], None
-    nb.metadata.setdefault("camp", {})["homework"] = name
     target = Path(out) if out else _course_root_of(notebook.parent) / "homework" / name / f"{name}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, target)
