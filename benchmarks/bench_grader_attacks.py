@@ -34,13 +34,15 @@ def serve_solution() -> int:
 
 
 def main():
-    p = argparse.ArgumentParser(); p.add_argument("--modes", default="namespaces,none"); args = p.parse_args()
+    p = argparse.ArgumentParser(); p.add_argument("--modes", default="namespaces,none")
+    p.add_argument("--attacks", default=",".join(attacks.ATTACKS), help="comma-separated subset"); args = p.parse_args()
     port, rows = serve_solution(), []
     for mode in args.modes.split(","):
         os.environ["CAMP_SANDBOX_NAMESPACES"] = "1" if mode == "namespaces" else "0"
         from course_lib import sandbox
         sandbox._ISOLATION = None
-        for name, (code, _) in attacks.ATTACKS.items():
+        for name in args.attacks.split(","):
+            code = attacks.ATTACKS[name][0]
             before, start = attacks._hashes(), time.perf_counter()
             result = attacks._grade_with(Path(tempfile.mkdtemp()), code.replace("{port}", str(port)))
             changed = attacks._hashes() != before

@@ -6,7 +6,7 @@
 __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_homework', 'grade', 'format_grade',
            'grade_folder', 'strip_solutions', 'assign']
 
-# %% ../nbs/11_grading.ipynb #acde7840
+# %% ../nbs/11_grading.ipynb #83ac1ae5
 """Grading homework notebooks.
 
 - The student's notebook runs in a `course_lib.sandbox.Session`: its own process, with limits, no network, a private folder, and no view of the solutions, the grading tests or the repository's history.
@@ -18,7 +18,7 @@ __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_
 - One source notebook per homework; `assign` replaces each solution region by `raise NotImplementedError()` at its indentation (the nbgrader/otter pattern, written small).
 """
 
-# %% ../nbs/11_grading.ipynb #9a7257ea
+# %% ../nbs/11_grading.ipynb #68825dfd
 import ast
 import csv
 import ctypes
@@ -40,7 +40,7 @@ import pytest
 
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session, default_hidden, isolation
 
-# %% ../nbs/11_grading.ipynb #4cb81494
+# %% ../nbs/11_grading.ipynb #80a65221
 @dataclass(frozen=True)
 class Limits:
     "What a graded notebook may use; exceeding a limit costs the marks not yet earned, never the grader."
@@ -52,7 +52,7 @@ class Limits:
 
 GradingTimeout = SandboxTimeout
 
-# %% ../nbs/11_grading.ipynb #e852f005
+# %% ../nbs/11_grading.ipynb #a1a4ca99
 def _dotted(node, aliases: dict) -> str | None:
     "The dotted name an expression refers to, through import aliases; None if it is not a name chain."
     if isinstance(node, ast.Name): return aliases.get(node.id, node.id)
@@ -88,13 +88,13 @@ def rule_violations(sources: list[str], forbidden) -> list[str]:
                 if rule := hit(name): found.append(f"code cell {number}, line {getattr(node, 'lineno', '?')}: uses {rule}")
     return sorted(set(found))
 
-# %% ../nbs/11_grading.ipynb #c6df0669
+# %% ../nbs/11_grading.ipynb #3d6418cc
 class _StudentFunctions:
     "The `student` fixture: attribute access to the notebook's functions, with clear errors."
     def __init__(self, plugin): self._plugin = plugin
     def __getattr__(self, name: str):
         session = self._plugin.session
-        if session is None: raise AssertionError(f"the notebook did not run: {self._plugin.why_not}")
+        if session is None or self._plugin.stopped: raise AssertionError(f"the notebook did not run: {self._plugin.why_not}")
         try: obj, module = session.get(name)
         except NameError: raise AssertionError(f"your notebook does not define `{name}`") from None
         if module.startswith("course_lib"):
@@ -116,12 +116,13 @@ def _short_message(report) -> str:
     text = crash.message if crash else str(report.longrepr)
     return text if len(text) < 500 else text[:500] + " ..."
 
-# %% ../nbs/11_grading.ipynb #0976cee7
+# %% ../nbs/11_grading.ipynb #ab06b531
 class _GradingPlugin:
     "Reports the plan, runs the notebook in a sandbox once collection is done, provides fixtures, reports results."
     def __init__(self, spec: dict, send):
         self.spec, self.send, self.limits, self.seed = spec, send, Limits(**spec["limits"]), spec["seed"]
         self.session: Session | None = None
+        self.stopped = False
         self.why_not, self.references, self.forbidden = "it has not started", {}, {}
 
     def pytest_configure(self, config):
@@ -148,7 +149,7 @@ class _GradingPlugin:
                 if result["error"]: self.send(type="cell_error", cell=number, error=result["error"][:500])
             os.chdir(self.session.work)  # tests may read what the notebook wrote
         except (SandboxDied, SandboxTimeout) as e:
-            self.why_not = str(e); self.send(type="stopped", why=str(e))
+            self.why_not, self.stopped = str(e), True; self.send(type="stopped", why=str(e))
 
     @pytest.fixture
     def student(self): return _StudentFunctions(self)
@@ -171,7 +172,7 @@ class _GradingPlugin:
 
 def _on_alarm(signum, frame): raise GradingTimeout("the grading test itself ran too long")
 
-# %% ../nbs/11_grading.ipynb #b0b5bffc
+# %% ../nbs/11_grading.ipynb #54ed1cdc
 def _child(spec_json: str, result_fd: str) -> None:
     "Entry point of the grader's process (started by `grade`)."
     spec = json.loads(spec_json)
@@ -192,7 +193,7 @@ def _child(spec_json: str, result_fd: str) -> None:
         send(type="done", output=str(output)[-5000:], output_dropped=int(dropped), session_dead=plugin.session.dead if plugin.session else None)
         pipe.close()
 
-# %% ../nbs/11_grading.ipynb #51750654
+# %% ../nbs/11_grading.ipynb #67619e72
 def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
     "The folder holding `grading/` for `notebook`: given, or the notebook's folder, or instructor/<name>/ (or the old homework/<name>/) above it."
     if homework is not None:
@@ -200,10 +201,10 @@ def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
         if not (folder / "grading").is_dir(): raise FileNotFoundError(f"{folder} has no grading/ folder")
         return folder
     if (notebook.parent / "grading").is_dir(): return notebook.parent
-    name = notebook.stem
     for folder in (notebook.parent.resolve(), *notebook.parent.resolve().parents, Path.cwd()):
         for kind in ("instructor", "homework"):
-            if (folder / kind / name / "grading").is_dir(): return folder / kind / name
+            for name in (notebook.stem, notebook.parent.name):   # homework/NAME/NAME.ipynb, or any notebook in homework/NAME/
+                if (folder / kind / name / "grading").is_dir(): return folder / kind / name
     raise FileNotFoundError(f"no grading tests found for {notebook.name}: pass --homework instructor/<name>")
 
 def _snapshot(notebook: Path, homework: Path, folder: Path) -> tuple[Path, Path]:
@@ -240,7 +241,7 @@ def _listen(proc: subprocess.Popen, read_fd: int, timeout_s: float) -> tuple[lis
                    f"the grading process exited with code {code} before grading finished")
     return messages, problem
 
-# %% ../nbs/11_grading.ipynb #ab2e7b03
+# %% ../nbs/11_grading.ipynb #5df65bac
 def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limits = Limits(),
           seed: int | None = None, out: str | Path | None = None) -> dict:
     "Grade `notebook` against its homework's grading tests; write and return the grade (see `grade.json`)."
@@ -267,7 +268,7 @@ def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limi
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
-# %% ../nbs/11_grading.ipynb #120ca371
+# %% ../nbs/11_grading.ipynb #804edb82
 def _assemble(messages: list[dict], problem: str | None, notebook: Path, homework: Path, seed: int, limits: Limits) -> dict:
     plan = next((m["tests"] for m in messages if m["type"] == "plan"), [])
     outcomes = {m["nodeid"]: m for m in messages if m["type"] == "test"}
@@ -297,7 +298,7 @@ def _assemble(messages: list[dict], problem: str | None, notebook: Path, homewor
             "problems": problems, "isolation_missing": iso.get("missing", list(isolation().missing)),
             "output_tail": done.get("output", "")[-2000:]}
 
-# %% ../nbs/11_grading.ipynb #043abd93
+# %% ../nbs/11_grading.ipynb #64325300
 def format_grade(result: dict) -> str:
     "A per-question table of a grade, for the terminal."
     from rich.console import Console
@@ -316,7 +317,7 @@ def format_grade(result: dict) -> str:
     lines += [f"! not guaranteed on this machine: {GUARANTEES[k]}" for k in result.get("isolation_missing", [])]
     return "\n".join(lines)
 
-# %% ../nbs/11_grading.ipynb #51c58466
+# %% ../nbs/11_grading.ipynb #20a13b73
 def _submissions(folder: Path) -> list[tuple[str, Path]]:
     found = []
     for entry in sorted(folder.iterdir()):
@@ -348,7 +349,7 @@ def grade_folder(folder: str | Path, homework: str | Path, limits: Limits = Limi
     (out / "gradebook.json").write_text(json.dumps(book, indent=2, ensure_ascii=False) + "\n")
     return book
 
-# %% ../nbs/11_grading.ipynb #e0b36c02
+# %% ../nbs/11_grading.ipynb #dd111fb2
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
 def strip_solutions(source: str) -> str:
