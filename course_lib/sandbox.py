@@ -6,7 +6,7 @@
 __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError', 'encode', 'decode', 'SandboxTimeout',
            'RemoteError', 'SandboxDied', 'default_hidden', 'RunResult', 'run_code', 'RemoteObject', 'Session']
 
-# %% ../nbs/12_sandbox.ipynb #0da8a098
+# %% ../nbs/12_sandbox.ipynb #ecf4dfc0
 """Running untrusted Python in a separate, limited, isolated process.
 
 - One process per sandbox; the caller holds nothing in it, so the code inside can only answer, never reach back.
@@ -20,7 +20,7 @@ __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError'
 - Killing the process group (and, with namespaces, the PID namespace's first process) ends everything the code started.
 """
 
-# %% ../nbs/12_sandbox.ipynb #775d0ca3
+# %% ../nbs/12_sandbox.ipynb #f3793c40
 import builtins
 import ctypes
 import json
@@ -40,7 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/12_sandbox.ipynb #b039fa5d
+# %% ../nbs/12_sandbox.ipynb #cc977120
 @dataclass(frozen=True)
 class SandboxLimits:
     "What sandboxed code may use."
@@ -70,7 +70,7 @@ class Isolation:
         "One line per guarantee that cannot be given."
         return "\n".join(f"not guaranteed: {GUARANTEES[k]}" for k in self.missing) or "all isolation guarantees hold"
 
-# %% ../nbs/12_sandbox.ipynb #1eb830e7
+# %% ../nbs/12_sandbox.ipynb #8abcc617
 _ISOLATION: Isolation | None = None
 
 def _namespace_flags(root: bool) -> list[str]:
@@ -91,7 +91,7 @@ def isolation(refresh: bool = False) -> Isolation:
     _ISOLATION = Isolation(works, drop, missing)
     return _ISOLATION
 
-# %% ../nbs/12_sandbox.ipynb #d2eb1306
+# %% ../nbs/12_sandbox.ipynb #8bac63ec
 class CodecError(ValueError):
     "A message that cannot be encoded or decoded."
 
@@ -157,7 +157,7 @@ def _encode_tensor(x, out, blob):
     data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
     out.extend(b"X"); blob(name.encode()); blob(json.dumps([list(t.shape), bool(x.requires_grad)]).encode()); blob(data)
 
-# %% ../nbs/12_sandbox.ipynb #48abb62d
+# %% ../nbs/12_sandbox.ipynb #191a12cd
 def decode(data: bytes, handle=None, allow_pickle: bool = False):
     "Decode what `encode` wrote; `handle(id, type_name)` makes the proxy for a handle; pickle only when allowed."
     view, pos = memoryview(data), 0
@@ -235,7 +235,7 @@ def _decode_tensor(name: bytes, meta, data: bytes):
     if name == "bfloat16": t = t.view(torch.bfloat16)
     return t.requires_grad_() if grad and t.is_floating_point() else t
 
-# %% ../nbs/12_sandbox.ipynb #d45e433d
+# %% ../nbs/12_sandbox.ipynb #d0f07e9b
 _MS = dict(RDONLY=1, NOSUID=2, NODEV=4, NOEXEC=8, REMOUNT=32, NOATIME=1024, NODIRATIME=2048, BIND=4096, REC=16384,
            PRIVATE=1 << 18, RELATIME=1 << 21)
 
@@ -283,7 +283,7 @@ def _setup() -> None:
     os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
                           sys.executable, "-c", "from course_lib.sandbox import _main; _main()", json.dumps(spec)])
 
-# %% ../nbs/12_sandbox.ipynb #3fa8b8a2
+# %% ../nbs/12_sandbox.ipynb #a105c908
 class SandboxTimeout(Exception):
     "Sandboxed code ran past its time limit."
 
@@ -332,7 +332,7 @@ def _main() -> None:
         return
     _Worker(spec).serve()
 
-# %% ../nbs/12_sandbox.ipynb #f0bac37e
+# %% ../nbs/12_sandbox.ipynb #eaaf565e
 class RemoteError(Exception):
     "An exception raised by sandboxed code whose type is not a built-in one."
 
@@ -398,7 +398,7 @@ class _Endpoint:
             try: self.send(("ok", ident, value))
             except CodecError as e: self.send(("err", ident, "CodecError", str(e), ""))
 
-# %% ../nbs/12_sandbox.ipynb #1213c4b7
+# %% ../nbs/12_sandbox.ipynb #74c6110c
 class _Callback:
     "Inside the sandbox: a callable or iterator the caller passed in, used across the pipe."
     def __init__(self, endpoint, ident: int, name: str): self._endpoint, self._id, self._name = endpoint, ident, name
@@ -507,7 +507,7 @@ def _mutable(value) -> bool:
     if _is_numpy(value): return hasattr(value, "flags") and getattr(value, "ndim", 0) > 0
     return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
 
-# %% ../nbs/12_sandbox.ipynb #e3a09396
+# %% ../nbs/12_sandbox.ipynb #23d95abb
 def _lib_dir() -> Path:
     "The `course_lib` package folder (the sandbox imports it from there)."
     import course_lib
@@ -576,7 +576,7 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError: pass
     proc.wait()
 
-# %% ../nbs/12_sandbox.ipynb #2c7778d5
+# %% ../nbs/12_sandbox.ipynb #c365da2a
 @dataclass
 class RunResult:
     "How a `run_code` run ended."
@@ -620,7 +620,7 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits(), hidden=None, fi
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-# %% ../nbs/12_sandbox.ipynb #1d8712dd
+# %% ../nbs/12_sandbox.ipynb #19a0af1f
 class RemoteObject:
     "The caller's handle on an object that stays in the sandbox: call it, iterate it, read its attributes."
     def __init__(self, session, ident: int, type_name: str):
@@ -639,7 +639,7 @@ class RemoteObject:
         try: return f"<sandboxed {self._type}: {self._session._request('repr', self._id)}>"
         except Exception: return f"<sandboxed {self._type}>"
 
-# %% ../nbs/12_sandbox.ipynb #64e40ae5
+# %% ../nbs/12_sandbox.ipynb #1f5b3537
 class Session:
     "A persistent sandboxed Python process whose code runs and whose functions are called across a pipe."
     def __init__(self, limits: SandboxLimits = SandboxLimits(), hidden=None, files=None, env: dict | None = None,
@@ -719,9 +719,9 @@ class Session:
         if not isinstance(fn, RemoteObject): raise TypeError(f"{name} is a {type(fn).__name__}, not a function")
         return fn(*args, **kwargs)
 
-    def forbid(self, names: dict[str, str]) -> list[str]:
+    def forbid(self, names: dict[str, str], timeout: float | None = None) -> list[str]:
         "Make each dotted library name raise PermissionError(reason) inside; returns the names it could not find."
-        return self._request("forbid", names)
+        return self._request("forbid", names, timeout=timeout)   # importing the libraries takes time of its own
 
     def output(self) -> tuple[str, int]:
         "Everything printed so far (up to the limit) and the number of characters dropped."
