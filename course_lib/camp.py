@@ -161,13 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("name", nargs="?", help="the demo; omit to list them")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--run", help="a run folder whose artifacts the demo uses (default: the newest)")
-    g = sub.add_parser("grade", help="grade a homework notebook in a sandbox; writes grade.json")
-    g.add_argument("notebook")
-    g.add_argument("--homework", help="the homework folder with grading/ (default: found from the notebook)")
+    g = sub.add_parser("grade", help="grade a homework notebook in a sandbox (grade.json), or a folder of submissions (gradebook.csv/json)")
+    g.add_argument("notebook", help="a notebook, or a folder of submissions (NAME.ipynb or NAME/*.ipynb)")
+    g.add_argument("--homework", help="the homework folder with grading/, e.g. instructor/hw00_core (default: found from the notebook)")
     g.add_argument("--out", help="where to write grade.json (default: next to the notebook)")
     g.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
     g.add_argument("--memory", type=int, default=4096, help="memory limit in MB")
     g.add_argument("--seed", type=int, help="replay a grading run with this seed (see grade.json)")
+    a = sub.add_parser("assign", help="generate a student notebook from a homework's source (instructor/NAME), or move an old homework/NAME there first")
+    a.add_argument("source")
+    a.add_argument("--out", help="where to write the student notebook (default: homework/NAME/NAME.ipynb)")
     sub.add_parser("doctor", help="versions, device, Triton, disk")
     s = sub.add_parser("settings", help="show the settings a run would use")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -199,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 discover(); print("\n".join(sorted(DEMOS)))
             else: launch_demo(args.name, port=args.port, run=args.run)
         elif args.command == "grade":
-            from course_lib.grading import Limits, format_grade, grade
+            from course_lib.grading import Limits, format_grade, grade, grade_folder
+            if Path(args.notebook).is_dir():
+                if not args.homework: raise ValueError("grading a folder of submissions needs --homework instructor/NAME")
+                book = grade_folder(args.notebook, args.homework, Limits(timeout_s=args.timeout, memory_mb=args.memory), args.out)
+                print("\n".join(f"{r['student']}: {r['points']:g} / {r['max_points'] or 0:g}" for r in book))
+                print(f"[camp] gradebook written to {Path(args.out or args.notebook) / 'gradebook.csv'} and gradebook.json"); return 0
             print(f"[camp] grading {args.notebook}: running it in a sandbox, then the grading tests ...", flush=True)
             result = grade(args.notebook, args.homework, Limits(timeout_s=args.timeout, memory_mb=args.memory),
                            seed=args.seed, out=args.out)
@@ -209,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             from course_lib.serve import serve
             serve(args.model_dir, args.host, args.port, args.api_key, args.model_name, num_blocks=args.num_blocks,
                   block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching)
+        elif args.command == "assign":
+            from course_lib.grading import assign
+            print(f"[camp] student notebook written to {assign(args.source, args.out)}")
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":

@@ -6,7 +6,7 @@
 __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_homework', 'grade', 'format_grade',
            'grade_folder', 'strip_solutions', 'assign']
 
-# %% ../nbs/11_grading.ipynb #ba2161a9
+# %% ../nbs/11_grading.ipynb #0051f49f
 """Grading homework notebooks.
 
 - The student's notebook runs in a `course_lib.sandbox.Session`: its own process, with limits, no network, a private folder, and no view of the solutions, the grading tests or the repository's history.
@@ -18,7 +18,7 @@ __all__ = ['GradingTimeout', 'BEGIN', 'END', 'Limits', 'rule_violations', 'find_
 - One source notebook per homework; `assign` replaces each solution region by `raise NotImplementedError()` at its indentation (the nbgrader/otter pattern, written small).
 """
 
-# %% ../nbs/11_grading.ipynb #d33112cb
+# %% ../nbs/11_grading.ipynb #88689f61
 import ast
 import csv
 import ctypes
@@ -40,7 +40,7 @@ import pytest
 
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session, default_hidden, isolation
 
-# %% ../nbs/11_grading.ipynb #01015329
+# %% ../nbs/11_grading.ipynb #35d13c68
 @dataclass(frozen=True)
 class Limits:
     "What a graded notebook may use; exceeding a limit costs the marks not yet earned, never the grader."
@@ -52,7 +52,7 @@ class Limits:
 
 GradingTimeout = SandboxTimeout
 
-# %% ../nbs/11_grading.ipynb #34f6a219
+# %% ../nbs/11_grading.ipynb #c5d96bf2
 def _dotted(node, aliases: dict) -> str | None:
     "The dotted name an expression refers to, through import aliases; None if it is not a name chain."
     if isinstance(node, ast.Name): return aliases.get(node.id, node.id)
@@ -88,13 +88,13 @@ def rule_violations(sources: list[str], forbidden) -> list[str]:
                 if rule := hit(name): found.append(f"code cell {number}, line {getattr(node, 'lineno', '?')}: uses {rule}")
     return sorted(set(found))
 
-# %% ../nbs/11_grading.ipynb #bb9ce1c1
+# %% ../nbs/11_grading.ipynb #2fa2b465
 class _StudentFunctions:
     "The `student` fixture: attribute access to the notebook's functions, with clear errors."
     def __init__(self, plugin): self._plugin = plugin
     def __getattr__(self, name: str):
         session = self._plugin.session
-        if session is None: raise AssertionError(f"the notebook did not run: {self._plugin.why_not}")
+        if session is None or self._plugin.stopped: raise AssertionError(f"the notebook did not run: {self._plugin.why_not}")
         try: obj, module = session.get(name)
         except NameError: raise AssertionError(f"your notebook does not define `{name}`") from None
         if module.startswith("course_lib"):
@@ -116,12 +116,13 @@ def _short_message(report) -> str:
     text = crash.message if crash else str(report.longrepr)
     return text if len(text) < 500 else text[:500] + " ..."
 
-# %% ../nbs/11_grading.ipynb #ea2f44e2
+# %% ../nbs/11_grading.ipynb #1ec1a635
 class _GradingPlugin:
     "Reports the plan, runs the notebook in a sandbox once collection is done, provides fixtures, reports results."
     def __init__(self, spec: dict, send):
         self.spec, self.send, self.limits, self.seed = spec, send, Limits(**spec["limits"]), spec["seed"]
         self.session: Session | None = None
+        self.stopped = False
         self.why_not, self.references, self.forbidden = "it has not started", {}, {}
 
     def pytest_configure(self, config):
@@ -142,13 +143,13 @@ class _GradingPlugin:
             self.session = Session(limits, hidden=self.spec["hidden"], files=self.spec["work"],
                                    env={"CAMP_PROGRESS": "0"})
             self.send(type="isolation", missing=list(self.session.missing), setup_failures=self.session.setup_failures)
-            self.session.forbid({**self.references, **self.forbidden})
+            self.session.forbid({**self.references, **self.forbidden}, timeout=max(120.0, self.limits.cell_timeout_s))
             for number, source in enumerate(sources, 1):
                 result = self.session.run(source)
                 if result["error"]: self.send(type="cell_error", cell=number, error=result["error"][:500])
             os.chdir(self.session.work)  # tests may read what the notebook wrote
         except (SandboxDied, SandboxTimeout) as e:
-            self.why_not = str(e); self.send(type="stopped", why=str(e))
+            self.why_not, self.stopped = str(e), True; self.send(type="stopped", why=str(e))
 
     @pytest.fixture
     def student(self): return _StudentFunctions(self)
@@ -171,7 +172,7 @@ class _GradingPlugin:
 
 def _on_alarm(signum, frame): raise GradingTimeout("the grading test itself ran too long")
 
-# %% ../nbs/11_grading.ipynb #404f7280
+# %% ../nbs/11_grading.ipynb #225ed162
 def _child(spec_json: str, result_fd: str) -> None:
     "Entry point of the grader's process (started by `grade`)."
     spec = json.loads(spec_json)
@@ -192,7 +193,7 @@ def _child(spec_json: str, result_fd: str) -> None:
         send(type="done", output=str(output)[-5000:], output_dropped=int(dropped), session_dead=plugin.session.dead if plugin.session else None)
         pipe.close()
 
-# %% ../nbs/11_grading.ipynb #aebd211d
+# %% ../nbs/11_grading.ipynb #679e2b5a
 def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
     "The folder holding `grading/` for `notebook`: given, or the notebook's folder, or instructor/<name>/ (or the old homework/<name>/) above it."
     if homework is not None:
@@ -200,10 +201,10 @@ def find_homework(notebook: Path, homework: str | Path | None = None) -> Path:
         if not (folder / "grading").is_dir(): raise FileNotFoundError(f"{folder} has no grading/ folder")
         return folder
     if (notebook.parent / "grading").is_dir(): return notebook.parent
-    name = nbformat.read(notebook, as_version=4).metadata.get("camp", {}).get("homework") or notebook.stem
     for folder in (notebook.parent.resolve(), *notebook.parent.resolve().parents, Path.cwd()):
         for kind in ("instructor", "homework"):
-            if (folder / kind / name / "grading").is_dir(): return folder / kind / name
+            for name in (notebook.stem, notebook.parent.name):   # homework/NAME/NAME.ipynb, or any notebook in homework/NAME/
+                if (folder / kind / name / "grading").is_dir(): return folder / kind / name
     raise FileNotFoundError(f"no grading tests found for {notebook.name}: pass --homework instructor/<name>")
 
 def _snapshot(notebook: Path, homework: Path, folder: Path) -> tuple[Path, Path]:
@@ -240,7 +241,7 @@ def _listen(proc: subprocess.Popen, read_fd: int, timeout_s: float) -> tuple[lis
                    f"the grading process exited with code {code} before grading finished")
     return messages, problem
 
-# %% ../nbs/11_grading.ipynb #8d0f1fd6
+# %% ../nbs/11_grading.ipynb #30b5e155
 def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limits = Limits(),
           seed: int | None = None, out: str | Path | None = None) -> dict:
     "Grade `notebook` against its homework's grading tests; write and return the grade (see `grade.json`)."
@@ -267,7 +268,7 @@ def grade(notebook: str | Path, homework: str | Path | None = None, limits: Limi
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
-# %% ../nbs/11_grading.ipynb #acff0a69
+# %% ../nbs/11_grading.ipynb #7947e60b
 def _assemble(messages: list[dict], problem: str | None, notebook: Path, homework: Path, seed: int, limits: Limits) -> dict:
     plan = next((m["tests"] for m in messages if m["type"] == "plan"), [])
     outcomes = {m["nodeid"]: m for m in messages if m["type"] == "test"}
@@ -297,7 +298,7 @@ def _assemble(messages: list[dict], problem: str | None, notebook: Path, homewor
             "problems": problems, "isolation_missing": iso.get("missing", list(isolation().missing)),
             "output_tail": done.get("output", "")[-2000:]}
 
-# %% ../nbs/11_grading.ipynb #8e742844
+# %% ../nbs/11_grading.ipynb #f43baf50
 def format_grade(result: dict) -> str:
     "A per-question table of a grade, for the terminal."
     from rich.console import Console
@@ -316,7 +317,7 @@ def format_grade(result: dict) -> str:
     lines += [f"! not guaranteed on this machine: {GUARANTEES[k]}" for k in result.get("isolation_missing", [])]
     return "\n".join(lines)
 
-# %% ../nbs/11_grading.ipynb #99cddba2
+# %% ../nbs/11_grading.ipynb #2825d984
 def _submissions(folder: Path) -> list[tuple[str, Path]]:
     found = []
     for entry in sorted(folder.iterdir()):
@@ -348,7 +349,7 @@ def grade_folder(folder: str | Path, homework: str | Path, limits: Limits = Limi
     (out / "gradebook.json").write_text(json.dumps(book, indent=2, ensure_ascii=False) + "\n")
     return book
 
-# %% ../nbs/11_grading.ipynb #22ee59c2
+# %% ../nbs/11_grading.ipynb #9c190226
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
 def strip_solutions(source: str) -> str:
@@ -390,7 +391,6 @@ def assign(source: str | Path, out: str | Path | None = None) -> Path:
             try: cell.source = strip_solutions(cell.source)
             except ValueError as e: raise ValueError(f"{notebook}: {e}") from None
             cell.outputs, cell.execution_count = [], None
-    nb.metadata.setdefault("camp", {})["homework"] = name
     target = Path(out) if out else _course_root_of(notebook.parent) / "homework" / name / f"{name}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, target)

@@ -6,7 +6,7 @@
 __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError', 'encode', 'decode', 'SandboxTimeout',
            'RemoteError', 'SandboxDied', 'default_hidden', 'RunResult', 'run_code', 'RemoteObject', 'Session']
 
-# %% ../nbs/12_sandbox.ipynb #7d442b79
+# %% ../nbs/12_sandbox.ipynb #ecf4dfc0
 """Running untrusted Python in a separate, limited, isolated process.
 
 - One process per sandbox; the caller holds nothing in it, so the code inside can only answer, never reach back.
@@ -20,7 +20,7 @@ __all__ = ['GUARANTEES', 'SandboxLimits', 'Isolation', 'isolation', 'CodecError'
 - Killing the process group (and, with namespaces, the PID namespace's first process) ends everything the code started.
 """
 
-# %% ../nbs/12_sandbox.ipynb #bd0a61c1
+# %% ../nbs/12_sandbox.ipynb #f3793c40
 import builtins
 import ctypes
 import json
@@ -40,7 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/12_sandbox.ipynb #2ccb5d5e
+# %% ../nbs/12_sandbox.ipynb #cc977120
 @dataclass(frozen=True)
 class SandboxLimits:
     "What sandboxed code may use."
@@ -70,7 +70,7 @@ class Isolation:
         "One line per guarantee that cannot be given."
         return "\n".join(f"not guaranteed: {GUARANTEES[k]}" for k in self.missing) or "all isolation guarantees hold"
 
-# %% ../nbs/12_sandbox.ipynb #f1d31d7b
+# %% ../nbs/12_sandbox.ipynb #8abcc617
 _ISOLATION: Isolation | None = None
 
 def _namespace_flags(root: bool) -> list[str]:
@@ -91,7 +91,7 @@ def isolation(refresh: bool = False) -> Isolation:
     _ISOLATION = Isolation(works, drop, missing)
     return _ISOLATION
 
-# %% ../nbs/12_sandbox.ipynb #f1e37ed9
+# %% ../nbs/12_sandbox.ipynb #8bac63ec
 class CodecError(ValueError):
     "A message that cannot be encoded or decoded."
 
@@ -157,7 +157,7 @@ def _encode_tensor(x, out, blob):
     data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
     out.extend(b"X"); blob(name.encode()); blob(json.dumps([list(t.shape), bool(x.requires_grad)]).encode()); blob(data)
 
-# %% ../nbs/12_sandbox.ipynb #87794c57
+# %% ../nbs/12_sandbox.ipynb #191a12cd
 def decode(data: bytes, handle=None, allow_pickle: bool = False):
     "Decode what `encode` wrote; `handle(id, type_name)` makes the proxy for a handle; pickle only when allowed."
     view, pos = memoryview(data), 0
@@ -235,7 +235,7 @@ def _decode_tensor(name: bytes, meta, data: bytes):
     if name == "bfloat16": t = t.view(torch.bfloat16)
     return t.requires_grad_() if grad and t.is_floating_point() else t
 
-# %% ../nbs/12_sandbox.ipynb #96fa0d34
+# %% ../nbs/12_sandbox.ipynb #d0f07e9b
 _MS = dict(RDONLY=1, NOSUID=2, NODEV=4, NOEXEC=8, REMOUNT=32, NOATIME=1024, NODIRATIME=2048, BIND=4096, REC=16384,
            PRIVATE=1 << 18, RELATIME=1 << 21)
 
@@ -283,7 +283,7 @@ def _setup() -> None:
     os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
                           sys.executable, "-c", "from course_lib.sandbox import _main; _main()", json.dumps(spec)])
 
-# %% ../nbs/12_sandbox.ipynb #9a084304
+# %% ../nbs/12_sandbox.ipynb #a105c908
 class SandboxTimeout(Exception):
     "Sandboxed code ran past its time limit."
 
@@ -332,7 +332,7 @@ def _main() -> None:
         return
     _Worker(spec).serve()
 
-# %% ../nbs/12_sandbox.ipynb #de80fdaa
+# %% ../nbs/12_sandbox.ipynb #eaaf565e
 class RemoteError(Exception):
     "An exception raised by sandboxed code whose type is not a built-in one."
 
@@ -391,14 +391,14 @@ class _Endpoint:
     def _serve(self, message):
         _, ident, op, args = message
         try: value = self.serve_request(op, *args)
-        except BaseException as e:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) and not isinstance(e, SystemExit): raise
+        except BaseException as e:   # sys.exit() in a called function is that call's error; Ctrl-C stops us
+            if isinstance(e, KeyboardInterrupt): raise
             self.send(("err", ident, type(e).__name__, str(e)[:2000], "".join(traceback.format_exception(e))[-3000:]))
         else:
             try: self.send(("ok", ident, value))
             except CodecError as e: self.send(("err", ident, "CodecError", str(e), ""))
 
-# %% ../nbs/12_sandbox.ipynb #6b90218d
+# %% ../nbs/12_sandbox.ipynb #74c6110c
 class _Callback:
     "Inside the sandbox: a callable or iterator the caller passed in, used across the pipe."
     def __init__(self, endpoint, ident: int, name: str): self._endpoint, self._id, self._name = endpoint, ident, name
@@ -436,6 +436,9 @@ class _Worker:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2): os.dup2(devnull, fd)   # low-level writes go nowhere; Python's go to the capped stream
         sys.stdout = sys.stderr = self.stream
+        from IPython.core.interactiveshell import InteractiveShell   # before the first cell's time limit starts
+        self.shell = InteractiveShell.instance(colors="NoColor")
+        self.shell.showtraceback = lambda *a, **k: None
         self.endpoint.send(self.hello)
         while True:
             try: message = self.endpoint.receive()
@@ -450,13 +453,11 @@ class _Worker:
             if timeout: _alarm(0)
 
     def op_run(self, code: str) -> dict:
-        if self.shell is None:
-            from IPython.core.interactiveshell import InteractiveShell
-            self.shell = InteractiveShell.instance(colors="NoColor")
-            self.shell.showtraceback = lambda *a, **k: None
         start = self.stream.size
-        result = self.shell.run_cell(code, store_history=False)
-        error = result.error_before_exec or result.error_in_exec
+        try:
+            result = self.shell.run_cell(code, store_history=False)
+            error = result.error_before_exec or result.error_in_exec
+        except SandboxTimeout as e: error = e   # the limit struck in IPython's own code, between the cell's lines
         return {"output": self.stream.getvalue()[start:], "dropped": self.stream.dropped,
                 "error": None if error is None else f"{type(error).__name__}: {error}"[:2000],
                 "error_type": None if error is None else type(error).__name__}
@@ -506,7 +507,7 @@ def _mutable(value) -> bool:
     if _is_numpy(value): return hasattr(value, "flags") and getattr(value, "ndim", 0) > 0
     return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
 
-# %% ../nbs/12_sandbox.ipynb #2e82f545
+# %% ../nbs/12_sandbox.ipynb #23d95abb
 def _lib_dir() -> Path:
     "The `course_lib` package folder (the sandbox imports it from there)."
     import course_lib
@@ -575,7 +576,7 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError: pass
     proc.wait()
 
-# %% ../nbs/12_sandbox.ipynb #2ae60c3e
+# %% ../nbs/12_sandbox.ipynb #c365da2a
 @dataclass
 class RunResult:
     "How a `run_code` run ended."
@@ -619,7 +620,7 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits(), hidden=None, fi
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-# %% ../nbs/12_sandbox.ipynb #1319080e
+# %% ../nbs/12_sandbox.ipynb #19a0af1f
 class RemoteObject:
     "The caller's handle on an object that stays in the sandbox: call it, iterate it, read its attributes."
     def __init__(self, session, ident: int, type_name: str):
@@ -638,7 +639,7 @@ class RemoteObject:
         try: return f"<sandboxed {self._type}: {self._session._request('repr', self._id)}>"
         except Exception: return f"<sandboxed {self._type}>"
 
-# %% ../nbs/12_sandbox.ipynb #de1ed4a2
+# %% ../nbs/12_sandbox.ipynb #1f5b3537
 class Session:
     "A persistent sandboxed Python process whose code runs and whose functions are called across a pipe."
     def __init__(self, limits: SandboxLimits = SandboxLimits(), hidden=None, files=None, env: dict | None = None,
@@ -718,9 +719,9 @@ class Session:
         if not isinstance(fn, RemoteObject): raise TypeError(f"{name} is a {type(fn).__name__}, not a function")
         return fn(*args, **kwargs)
 
-    def forbid(self, names: dict[str, str]) -> list[str]:
+    def forbid(self, names: dict[str, str], timeout: float | None = None) -> list[str]:
         "Make each dotted library name raise PermissionError(reason) inside; returns the names it could not find."
-        return self._request("forbid", names)
+        return self._request("forbid", names, timeout=timeout)   # importing the libraries takes time of its own
 
     def output(self) -> tuple[str, int]:
         "Everything printed so far (up to the limit) and the number of characters dropped."

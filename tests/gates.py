@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-NOTEBOOK_DIRS = ("nbs", "labs", "homework")
+NOTEBOOK_DIRS = ("nbs", "labs", "homework", "instructor")
 
 
 def notebooks(root: Path) -> list[Path]:

@@ -65,7 +65,7 @@ def test_doctor_reports_the_machine():
 
 
 def test_camp_grade_prints_a_table_and_writes_json(tmp_path):
-    out = camp("grade", "homework/hw00_core/solution.ipynb", "--out", str(tmp_path / "g.json"), "--seed", "7")
+    out = camp("grade", "instructor/hw00_core/hw00_core.ipynb", "--out", str(tmp_path / "g.json"), "--seed", "7")
     assert out.returncode == 0, out.stderr
     assert "10 / 10 points" in out.stdout and "q3 limit_records" in out.stdout
     grade = json.loads((tmp_path / "g.json").read_text())
