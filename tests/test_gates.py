@@ -65,6 +65,36 @@ def test_readme_is_rendered_from_index(repo_root, monkeypatch):
     assert (repo_root / "README.md").read_text() == render_readme(), "run `camp readme` after editing nbs/index.ipynb"
 
 
+def test_readme_zh_is_rendered_from_index_zh(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    assert (repo_root / "README_zh.md").read_text() == render_readme("nbs/index_zh.ipynb"), \
+        "run `camp readme` after editing nbs/index_zh.ipynb"
+
+
+def test_readme_zh_is_a_front_door(repo_root):
+    """README_zh.md gives the same two set-up commands, a row per lesson, the bootcamp's lessons and the glossary."""
+    zh = (repo_root / "README_zh.md").read_text()
+    commands = [c.strip() for c in re.findall(r"```(?:bash|sh)\n(.*?)\n```", zh, re.S)]
+    assert commands == ["make run", "make test"], commands
+    lessons = sorted(p.name for p in (repo_root / "nbs").glob("[0-9]*.ipynb"))
+    missing = [name for name in lessons if (f"\n| {int(name[:2])} " not in zh if int(name[:2]) < 10 else f"`nbs/{name}`" not in zh)]
+    assert not missing, f"README_zh.md's chapter table lacks {missing}"
+    for lesson in ("XTuner", "LMDeploy", "OpenCompass", "Lagent", "HuixiangDou", "InternEvo"):
+        assert lesson in zh, f"README_zh.md does not map a chapter onto the bootcamp's {lesson} lesson"
+    assert "docs/glossary.md" in zh and "docs/glossary.md" in (repo_root / "README.md").read_text()
+
+
+def test_glossary_has_every_core_term_with_a_chapter(repo_root):
+    rows = [l for l in (repo_root / "docs" / "glossary.md").read_text().splitlines() if l.startswith("| ") and "---" not in l][1:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert all(len(c) == 4 and c[0] and c[1] and c[2] and re.fullmatch(r"\d(, \d)*", c[3]) for c in cells), \
+        [c for c in cells if len(c) != 4 or not re.fullmatch(r"\d(, \d)*", c[3])]
+    chinese = {c[1] for c in cells}
+    for term in ("词元", "分词器", "预训练", "微调", "量化", "KV 缓存", "连续批处理", "评测", "智能体", "检索增强生成"):
+        assert any(term in zh for zh in chinese), f"glossary lacks {term}"
+    assert any(c[0] == "LoRA" for c in cells)
+
+
 def test_ci_runs_the_readme_test_command(repo_root):
     ci = [l for l in (repo_root / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
     readme = (repo_root / "README.md").read_text()
