@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from course_lib.core import fast_bf16
-from course_lib.model import from_hf
-from course_lib.pretrain import (AdamW, CosineSchedule, TrainConfig, clip_grad_norm, cross_entropy, eval_batches,
-                                 get_batch, load_tokens, param_groups, read_log, train, write_token_files)
+from course_lib.model import Decoder, from_hf, get_config
+from course_lib.pretrain import (AdamW, BatchSource, CosineSchedule, TokenBatches, TrainConfig, clip_grad_norm, cross_entropy,
+                                 eval_batches, get_batch, load_checkpoint, load_tokens, param_groups, read_log, save_checkpoint,
+                                 train, write_token_files)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,3 +280,79 @@ def test_two_processes_resume_exactly(strategy, tokens, tmp_path):
     np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), rtol=1e-5)
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["losses"]) == 2                                      # the second process ran steps 3 and 4 only
+
+
+# --- a user's own batches, model and loop -------------------------------------------------------
+
+class HalfMasked:
+    "A BatchSource like chapter 5's: windows of a token folder with no loss on the first half (a 'prompt')."
+    def __init__(self, folder, seq_len):
+        self.inner = TokenBatches(load_tokens(folder), seq_len)
+        self.vocab_size, self.eos_id = self.inner.vocab_size, self.inner.eos_id
+
+    def mask(self, x, y):
+        y = y.clone()
+        y[:, : y.shape[1] // 2] = -100
+        return x, y
+
+    def train_batch(self, batch_size, rng, device, rows=None):
+        return self.mask(*self.inner.train_batch(batch_size, rng, device, rows))
+
+    def val_batches(self, batch_size, max_batches, device):
+        return [self.mask(x, y) for x, y in self.inner.val_batches(batch_size, max_batches, device)]
+
+
+def test_train_takes_a_batch_source_and_a_frozen_model(tokens, tmp_path):
+    source = HalfMasked(tokens, TINY.seq_len)
+    assert isinstance(source, BatchSource)
+    torch.manual_seed(3)
+    model = Decoder(get_config("cpu-1m", vocab_size=256))
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("layers.1.")                   # a frozen base, one trainable block
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # the first step's loss, computed independently: torch's cross-entropy over the unmasked targets of the first batch
+    x, y = source.train_batch(TINY.batch_size, np.random.default_rng(TINY.seed), "cpu")
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100).item()
+    exported = []
+    summary = train(dataclasses.replace(TINY, steps=4, eval_every=2), source, tmp_path / "sft", model=model,
+                    export=lambda m, path: exported.append(path))
+    assert losses(tmp_path / "sft")[0] == pytest.approx(expected, rel=1e-5)
+    assert summary["tokens"] == 4 * TINY.batch_size * (TINY.seq_len - TINY.seq_len // 2)   # only targets with a loss count
+    assert exported == [tmp_path / "sft" / "model"]
+    for n, p in model.named_parameters():
+        if n in frozen: assert torch.equal(p, frozen[n]), n               # untouched, not even by weight decay
+    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+    ckpt = torch.load(tmp_path / "sft" / "checkpoints" / "last.pt", weights_only=False)
+    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == len(trainable)
+    with pytest.raises(TypeError, match="BatchSource"):
+        train(TINY, [1, 2, 3], tmp_path / "bad")
+
+
+def test_save_and_load_checkpoint_in_a_users_own_loop(tmp_path):
+    "Stop after 3 of 6 steps, save, load into fresh objects, finish: the same weights as 6 steps straight."
+    def run(model, optimizer, rng, steps):
+        for _ in range(steps):
+            x = torch.from_numpy(rng.standard_normal((4, 6))).float()
+            optimizer.zero_grad()
+            (model(x) + 0.01 * torch.randn(4, 3)).pow(2).mean().backward()   # torch's global RNG is part of the state
+            optimizer.step()
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1), np.random.default_rng(1)
+    straight, opt, rng = fresh()
+    run(straight, opt, rng, 6)
+    model, opt, rng = fresh()
+    run(model, opt, rng, 3)
+    save_checkpoint(tmp_path / "ck.pt", model, opt, step=3, data_rng=rng, note="mine")
+    torch.manual_seed(123); np.random.seed(5)                              # disturb every global generator
+    model, opt, rng = fresh()
+    rng = np.random.default_rng(99)
+    state = load_checkpoint(tmp_path / "ck.pt", model, opt, rng)
+    assert (state["step"], state["note"]) == (3, "mine")
+    run(model, opt, rng, 3)
+    assert torch.equal(model.weight, straight.weight) and torch.equal(model.bias, straight.bias)
+    with pytest.raises(ValueError, match="was made for note 'mine'"):
+        load_checkpoint(tmp_path / "ck.pt", model, expect={"note": "theirs"})
