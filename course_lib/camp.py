@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
     g.add_argument("--memory", type=int, default=4096, help="memory limit in MB")
     g.add_argument("--seed", type=int, help="replay a grading run with this seed (see grade.json)")
+    f = sub.add_parser("finetune", help="fine-tune a model from an XTuner-like config (full / LoRA / QLoRA)")
+    f.add_argument("config", nargs="?", help="a .py or .json config (see configs/finetune_*.py); omit for the defaults")
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field, e.g. steps=50")
     sub.add_parser("doctor", help="versions, device, Triton, disk")
     s = sub.add_parser("settings", help="show the settings a run would use")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed, out=args.out)
             print(format_grade(result))
             print(f"[camp] grade written to {args.out or Path(args.notebook).parent / 'grade.json'}")
+        elif args.command == "finetune":
+            from course_lib.finetune import main as finetune_main
+            return finetune_main(([args.config] if args.config else []) + args.overrides)
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":
