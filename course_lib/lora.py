@@ -7,7 +7,7 @@ __all__ = ['ALL_PROJECTIONS', 'PEFT_PREFIX', 'LoRALinear', 'inject_lora', 'lora_
            'trainable_parameters', 'merge_lora', 'unmerge_lora', 'quantize_base', 'dequantize_base', 'base_fingerprint',
            'lora_state_dict', 'save_adapter', 'load_adapter', 'finetune_footprint']
 
-# %% ../nbs/05b_lora.ipynb #0250dfd1
+# %% ../nbs/05b_lora.ipynb #e4f349e9
 import contextlib
 import hashlib
 import json
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .model import Decoder, hf_config
 from .quant import Linear4bit, dequantize_nf4
 
-# %% ../nbs/05b_lora.ipynb #1cf8c8af
+# %% ../nbs/05b_lora.ipynb #6c7c38de
 class LoRALinear(nn.Module):
     "A frozen linear layer plus a trainable low-rank update: base(x) + scaling * B(A(dropout(x)))."
     def __init__(self, base: nn.Linear | Linear4bit, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -74,7 +74,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str: return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
-# %% ../nbs/05b_lora.ipynb #51b425ce
+# %% ../nbs/05b_lora.ipynb #aa275d7a
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 def _matches(name: str, targets: str | list[str] | tuple[str, ...]) -> bool:
@@ -119,7 +119,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     total += sum(math.prod(m.weight_nf4.shape) for m in model.modules() if isinstance(m, Linear4bit))
     return trainable, total
 
-# %% ../nbs/05b_lora.ipynb #ceb5a695
+# %% ../nbs/05b_lora.ipynb #03ab5b87
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     "Merge every adapter into its base weight; with `unload` put the plain base layers back (the model is then LoRA-free)."
     for name, layer in lora_layers(model).items():
@@ -134,7 +134,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in lora_layers(model).values(): layer.unmerge()
     return model
 
-# %% ../nbs/05b_lora.ipynb #2bec2b0f
+# %% ../nbs/05b_lora.ipynb #b8b27ff5
 def quantize_base(model: nn.Module, targets: str | list[str] | tuple[str, ...] = ALL_PROJECTIONS,
                   blocksize: int = 64, double_quant: bool = True) -> list[str]:
     "Replace every matching nn.Linear (also inside a LoRALinear) by an NF4 Linear4bit; returns their names."
@@ -162,7 +162,7 @@ def dequantize_base(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent) if parent else model, child, lin)
     return model
 
-# %% ../nbs/05b_lora.ipynb #6cd0a69f
+# %% ../nbs/05b_lora.ipynb #5f6d8cf4
 PEFT_PREFIX = "base_model.model.model."
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -247,7 +247,7 @@ def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) 
             with torch.no_grad(): mine.copy_(t)
     return names
 
-# %% ../nbs/05b_lora.ipynb #c785f305
+# %% ../nbs/05b_lora.ipynb #3ea6a501
 def finetune_footprint(cfg, r: int = 8, targets=ALL_PROJECTIONS) -> dict[str, dict[str, float]]:
     "Trainable parameters and bytes of weights + gradients + Adam state for full (bf16), LoRA (bf16 base) and QLoRA (NF4 base)."
     with torch.device("meta"): model = Decoder(cfg)
