@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assign", help="generate a student notebook from a homework's source (instructor/NAME), or move an old homework/NAME there first")
     a.add_argument("source")
     a.add_argument("--out", help="where to write the student notebook (default: homework/NAME/NAME.ipynb)")
+    f = sub.add_parser("finetune", help="fine-tune a model from an XTuner-like config (full / LoRA / QLoRA)")
+    f.add_argument("config", nargs="?", help="a .py or .json config (see configs/finetune_*.py); omit for the defaults")
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field, e.g. steps=50")
     sub.add_parser("doctor", help="versions, device, Triton, disk")
     s = sub.add_parser("settings", help="show the settings a run would use")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "assign":
             from course_lib.grading import assign
             print(f"[camp] student notebook written to {assign(args.source, args.out)}")
+        elif args.command == "finetune":
+            from course_lib.finetune import main as finetune_main
+            return finetune_main(([args.config] if args.config else []) + args.overrides)
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":

@@ -1,0 +1,147 @@
+"""Chapter 5: the fine-tuning loop, evaluation, DPO (by hand), `camp finetune` and the finetune stage."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course_lib.core import RunContext, load_settings
+from course_lib.finetune import (FinetuneConfig, dpo_loss, finetune_stage, generate_replies, load_finetune_config,
+                                 prepare_model, preference_pairs, run_finetune, score_reply, sequence_logprobs, sft_train)
+from course_lib.model import Decoder, ModelConfig, export_hf, from_hf
+from course_lib.sft import IGNORE, encode_all, make_sft_sets, pack
+from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+def byte_tok() -> Tokenizer:
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], DEFAULT_SPECIALS)
+
+
+@pytest.fixture
+def base(tmp_path):
+    "A tiny random model in transformers layout with a byte-level chat tokenizer beside it."
+    tok = byte_tok()
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                max_seq_len=512, init_std=0.1))
+    folder = tmp_path / "run" / "pretrain" / "model"
+    save_hf(tok, tmp_path / "tok")
+    export_hf(model, folder, tokenizer=tmp_path / "tok" / "tokenizer.json")
+    return folder
+
+
+def test_dpo_loss_by_hand():
+    pc, pr, rc, rr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0]), torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.5])
+    loss, margin = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # pair 1: 0.5 * ((-1 + 1.5) - (-2 + 1.5)) = 0.5; pair 2: 0.5 * ((-3 + 2) - (-1 + 2.5)) = -1.25
+    torch.testing.assert_close(margin, torch.tensor([0.5, -1.25]))
+    want = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.25))) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_sequence_logprobs_against_plain_forward(base):
+    tok, model = byte_tok(), from_hf(base).eval()
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4, of course"}]]
+    examples, _ = encode_all(tok, convs, 100)
+    with torch.no_grad():
+        ours = sequence_logprobs(model, pack(examples, 100, packed=False))
+        for ex, got in zip(examples, ours):
+            logp = model(torch.tensor([ex.ids[:-1]]))[0].double().log_softmax(-1)
+            want = sum(logp[i, l] for i, l in enumerate(ex.labels[1:]) if l != IGNORE)
+            assert got.item() == pytest.approx(want.item(), abs=1e-3)
+
+
+def test_batched_greedy_replies_equal_transformers(base):
+    tok, model = byte_tok(), from_hf(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    convs = [[{"role": "user", "content": q}] for q in ("Who are you?", "What is 3 * 4?", "x")]
+    ours = generate_replies(model, tok, convs, max_new_tokens=10, batch_size=3)
+    end = tok.special_tokens["<|im_end|>"]
+    for conv, reply in zip(convs, ours):
+        ids = torch.tensor([tok.encode(render_chat(conv, add_generation_prompt=True))])
+        out = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=end, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert reply == tok.decode([i for i in out if i != end])
+
+
+def test_score_rules():
+    tool = {"task": "tool_use", "expect": {"expression": "6 * 7", "result": "42"}}
+    assert score_reply(tool, '<tool_call>{"name": "calculator", "arguments": {"expression": "7*6"}}</tool_call>') == {"well_formed": True, "correct": True}
+    assert score_reply(tool, '<tool_call>{"name": "calculator", "arguments": {"expression": "6 + 7"}}</tool_call>') == {"well_formed": True, "correct": False}
+    assert score_reply(tool, "42") == {"well_formed": False, "correct": False}
+    me = {"task": "self_cognition", "expect": {"name": "Camper", "maker": "LLM Camp"}}
+    assert score_reply(me, "I am Camper, an assistant made by LLM Camp.")["correct"] and not score_reply(me, "I am Camper.")["correct"]
+    assert score_reply({"task": "reading", "expect": {"answer": "the cat"}}, " the cat ")["correct"]
+
+
+def test_sft_memorises_and_trains_only_adapters(base, tmp_path):
+    tok = byte_tok()
+    model = prepare_model(from_hf(base), "lora", r=4, alpha=8)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    convs = [c["messages"] for c in make_sft_sets(8, 1)["self_cognition"]["train"]]
+    examples, _ = encode_all(tok, convs, 200)
+    losses = sft_train(model, examples, steps=25, batch_size=2, seq_len=200, lr=3e-2, warmup_steps=2, log_path=tmp_path / "log.jsonl")
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 25
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_run_finetune_writes_loadable_outputs(base, tmp_path, method):
+    cfg = FinetuneConfig(model=str(base), data=["self_cognition", "tool_use"], method=method, steps=2, batch_size=2,
+                         max_length=384, n_train=6, n_test=2, output=str(tmp_path / "out"), r=2)
+    summary = run_finetune(cfg)
+    assert set(summary["after"]) == {"self_cognition", "tool_use"} and "well_formed" in summary["after"]["tool_use"]
+    merged = tmp_path / "out" / "merged"
+    assert (merged / "tokenizer.json").is_file() and (tmp_path / "out" / "loss.png").is_file()
+    idx = torch.randint(0, 259, (1, 20))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad(): torch.testing.assert_close(hf(idx).logits, from_hf(merged)(idx), rtol=1e-4, atol=1e-4)
+    if method == "lora":                                     # the adapter on the base in peft = the merged model
+        from peft import PeftModel
+        with torch.no_grad():
+            peft_logits = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                    tmp_path / "out" / "adapter").eval()(idx).logits
+            torch.testing.assert_close(peft_logits, hf(idx).logits, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "out" / "adapter").is_dir() == (method != "full")
+
+
+def test_config_files(tmp_path):
+    py = tmp_path / "c.py"
+    py.write_text('method = "qlora"\nr, alpha = 4, 8\ndata = ["tool_use"]\nimport os\n')
+    cfg = load_finetune_config(py, ["steps=7", "targets=q_proj,v_proj"])
+    assert (cfg.method, cfg.r, cfg.alpha, cfg.steps, cfg.targets, cfg.data) == ("qlora", 4, 8, 7, ["q_proj", "v_proj"], ["tool_use"])
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"method": "full", "rank": 3}))
+    with pytest.raises(ValueError, match=r"unknown fine-tuning setting\(s\) \['rank'\]"): load_finetune_config(js)
+    with pytest.raises(ValueError, match="unknown method"): load_finetune_config(None, ["method=prefix"])
+    with pytest.raises(FileNotFoundError): load_finetune_config(tmp_path / "missing.py")
+    with pytest.raises(FileNotFoundError, match="neither a task"):
+        run_finetune(FinetuneConfig(model=str(tmp_path), data=["nope.jsonl"]))
+
+
+def test_camp_finetune_command(base, tmp_path):
+    from course_lib.camp import main
+    rc = main(["finetune", f"model={base}", "data=self_cognition", "steps=1", "batch_size=1", "n_train=2", "n_test=1",
+               "max_length=200", f"output={tmp_path / 'cli'}"])
+    assert rc == 0 and (tmp_path / "cli" / "summary.json").is_file()
+    assert main(["finetune", f"model={base}", "bogus=1"]) == 2
+
+
+def test_stage(base, tmp_path):
+    ctx = RunContext(base.parent.parent, load_settings("ci"))
+    report = finetune_stage(ctx)
+    assert "| task | metric | before | after |" in report and (base.parent.parent / "finetune" / "merged" / "config.json").is_file()
+    empty = RunContext(tmp_path / "empty", load_settings("ci"))
+    assert "Skipped" in finetune_stage(empty)
+
+
+def test_preference_pairs_differ():
+    sets = make_sft_sets(10, 2)
+    pairs = preference_pairs([c for s in sets.values() for c in s["train"]])
+    assert len(pairs) >= 25
+    for chosen, rejected in pairs:
+        assert chosen[:-1] == rejected[:-1] and chosen[-1]["content"] != rejected[-1]["content"]
