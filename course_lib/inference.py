@@ -5,26 +5,31 @@
 # %% auto #0
 __all__ = ['CACHE_SCHEMES', 'KV_SCHEMES', 'kv_bytes_per_token', 'LayerCache', 'FPCache', 'QuantCache', 'KIVICache', 'KVCache',
            'Sampling', 'apply_repetition_penalty', 'next_tokens', 'left_pad', 'decode_steps', 'generate', 'stream',
-           'Int4Linear', 'quantize_weights', 'speculative_generate']
+           'cache_perplexity', 'Int4Linear', 'quantize_weights', 'speculative_generate', 'compare_schemes',
+           'inference_stage', 'inference_demo']
 
-# %% ../nbs/06_inference.ipynb #dd9d24c5
+# %% ../nbs/06_inference.ipynb #d65a57e2
 import codecs
+import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .core import RunContext, demo, stage
 from .kernels import dequantize_asym, int4_matmul, pack_bits, quantize_asym, quantize_store, unpack_bits
 from .model import Decoder, ModelConfig, filter_logits
 
-# %% ../nbs/06_inference.ipynb #ddef0018
+# %% ../nbs/06_inference.ipynb #a46d90b8
 def kv_bytes_per_token(cfg: ModelConfig, scheme: str = "fp", dtype: torch.dtype = torch.float16, residual: int = 32) -> float:
     "KV-cache bytes per token over all layers for a scheme (payload + scales + zeros; KIVI's block statistics amortised)."
     h, d = cfg.n_kv_heads, cfg.head_dim
     return cfg.n_layers * CACHE_SCHEMES[_parse_scheme(scheme)[0]].bytes_per_token(h, d, _parse_scheme(scheme)[1], dtype, residual)
 
-# %% ../nbs/06_inference.ipynb #c750f89e
+# %% ../nbs/06_inference.ipynb #31226533
 class LayerCache:
     "One layer's keys and values for a batch, pre-allocated for max_len positions; `update` appends and returns all so far."
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -66,7 +71,7 @@ class FPCache(LayerCache):
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (b, h_kv, s, d) views, no copy
 
-# %% ../nbs/06_inference.ipynb #f11a7f99
+# %% ../nbs/06_inference.ipynb #8fe24896
 class QuantCache(LayerCache):
     "Per-token asymmetric int8/int4 (LMDeploy): codes (b, h_kv, L, d*bits/8), float16 scale and zero (b, h_kv, L)."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=8, residual=None):
@@ -94,7 +99,7 @@ class QuantCache(LayerCache):
         self.length += t
         return self._dequantize(self.k), self._dequantize(self.v)
 
-# %% ../nbs/06_inference.ipynb #dfc4d0f7
+# %% ../nbs/06_inference.ipynb #5212014a
 class KIVICache(LayerCache):
     "KIVI: keys per channel over blocks of `residual` tokens, values per token; the newest (length mod residual) tokens in full precision."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=2, residual=32):
@@ -162,7 +167,7 @@ class KIVICache(LayerCache):
         if length < self.n_quant: raise ValueError(f"a KIVI cache cannot crop into its quantised blocks ({self.n_quant} positions)")
         super().crop(length)
 
-# %% ../nbs/06_inference.ipynb #991b5cca
+# %% ../nbs/06_inference.ipynb #cd2de62c
 CACHE_SCHEMES = {"fp": FPCache, "int": QuantCache, "kivi": KIVICache}
 KV_SCHEMES = ("fp", "int8", "int4", "kivi4", "kivi2")             # the names users pass
 
@@ -194,7 +199,7 @@ class KVCache:
         "Forget positions from `length` on in every layer."
         for layer in self.layers: layer.crop(length)
 
-# %% ../nbs/06_inference.ipynb #8ba1b36b
+# %% ../nbs/06_inference.ipynb #ea6a1233
 @dataclass(frozen=True)
 class Sampling:
     "How the next token is chosen; greedy ignores the rest."
@@ -224,7 +229,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | N
     probs = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)   # (b, V)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]      # (b,)
 
-# %% ../nbs/06_inference.ipynb #ab1afb64
+# %% ../nbs/06_inference.ipynb #92bf09a5
 def _as_batch(prompts) -> tuple[list[list[int]], bool]:
     "A batch of token lists from one list/1-D tensor (single=True) or a list of lists/2-D tensor."
     if isinstance(prompts, torch.Tensor): prompts = prompts.tolist()
@@ -265,7 +270,7 @@ def decode_steps(model: Decoder, prompts: list[list[int]], max_new_tokens: int, 
                        attention_mask=full_mask[:, :s] if padded else None)[:, -1]   # (b, V)
         position = position + 1
 
-# %% ../nbs/06_inference.ipynb #7ca35308
+# %% ../nbs/06_inference.ipynb #f6210f8f
 def _token_bytes(tokenizer, token: int) -> bytes:
     "The bytes of one token: our Tokenizer's decode_bytes, else the UTF-8 of decode()."
     return tokenizer.decode_bytes([token]) if hasattr(tokenizer, "decode_bytes") else tokenizer.decode([token]).encode()
@@ -315,7 +320,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, *,
         if all(done): break
     return out[0] if single else out
 
-# %% ../nbs/06_inference.ipynb #8f48ee73
+# %% ../nbs/06_inference.ipynb #152476bf
 @torch.no_grad()
 def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: int, *, eos_id: int | None = None,
            stop: tuple[str, ...] | list[str] = (), kv: str = "fp", generator: torch.Generator | None = None,
@@ -336,7 +341,27 @@ def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: i
         if token == eos_id or any(s in text for s in stop): return
     if tail := utf8.decode(b"", final=True): yield -1, tail            # a dangling partial character, flushed
 
-# %% ../nbs/06_inference.ipynb #88244504
+# %% ../nbs/06_inference.ipynb #f299ce13
+@torch.no_grad()
+def cache_perplexity(model: Decoder, tokens: torch.Tensor, scheme: str | None = "fp", seq_len: int = 256, chunk: int = 32,
+                     residual: int = 32) -> float:
+    "exp(mean next-token loss) over windows of seq_len tokens fed through a `scheme` KV cache chunk by chunk (None: no cache)."
+    seq_len = min(seq_len, model.cfg.max_seq_len)
+    if len(tokens) < seq_len + 1: raise ValueError(f"need more than {seq_len} tokens, got {len(tokens)}")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(tokens) - seq_len, seq_len):
+        x = tokens[start:start + seq_len][None].to(device)              # (1, seq_len)
+        y = tokens[start + 1:start + seq_len + 1][None].to(device)      # (1, seq_len)
+        if scheme is None: logits = model(x)
+        else:
+            cache = KVCache(model.cfg, 1, seq_len, scheme, next(model.parameters()).dtype, device, residual)
+            logits = torch.cat([model(x[:, i:i + chunk], cache=cache) for i in range(0, seq_len, chunk)], dim=1)   # (1, seq_len, V)
+        total += torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
+        count += seq_len
+    return math.exp(total / count)
+
+# %% ../nbs/06_inference.ipynb #e9a83c5f
 class Int4Linear(torch.nn.Module):
     "A bias-free linear layer with group-wise 4-bit weights (course_lib.quant.GroupQuant); forward through kernels.int4_matmul."
     def __init__(self, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False):
@@ -362,7 +387,7 @@ def quantize_weights(model: Decoder, group_size: int = 128, symmetric: bool = Fa
                     setattr(parent, name, quantized)
     return {"fp16_bytes": before, "int4_bytes": after}
 
-# %% ../nbs/06_inference.ipynb #2b6832e4
+# %% ../nbs/06_inference.ipynb #1f8b5874
 @torch.no_grad()
 def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max_new_tokens: int, k: int = 4,
                          eos_id: int | None = None) -> tuple[list[int], dict]:
@@ -402,3 +427,109 @@ def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max
     stats["acceptance_rate"] = stats["accepted"] / max(stats["proposed"], 1)
     stats["tokens_per_target_call"] = len(new) / stats["target_calls"]
     return new, stats
+
+# %% ../nbs/06_inference.ipynb #7784bcc6
+def _run_model_folder(run_dir: Path) -> Path | None:
+    "The run's fine-tuned model if there is one, else its pretrained model (Hugging Face folders)."
+    for sub in ("finetune/model", "finetune/merged", "pretrain/model"):
+        if (run_dir / sub / "config.json").is_file(): return run_dir / sub
+    return None
+
+def _text_codec(folder: Path):
+    "encode, decode_bytes for a model folder: its tokenizer.json if present, else UTF-8 bytes."
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(list(ids), skip_special_tokens=False).encode())
+    return (lambda text: list(text.encode())), (lambda ids: bytes(i for i in ids if i < 256))
+
+def compare_schemes(model: Decoder, prompt: list[int], max_new_tokens: int, schemes=KV_SCHEMES, **sampling) -> dict:
+    "Per KV scheme: tokens, tokens/s, KV bytes/token (payload + scales + zeros) and the first position differing from fp."
+    rows, reference = {}, None
+    for scheme in schemes:
+        start = time.perf_counter()
+        tokens = generate(model, prompt, max_new_tokens, kv=scheme, generator=torch.Generator().manual_seed(0), **sampling)
+        seconds = time.perf_counter() - start
+        reference = reference if reference is not None else tokens
+        first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+        rows[scheme] = {"tokens": tokens, "tok_per_s": len(tokens) / seconds, "first_difference": first,
+                        "kv_bytes_per_token": kv_bytes_per_token(model.cfg, scheme, torch.float16)}
+    return rows
+
+@stage("inference", order=60)
+def inference_stage(ctx: RunContext) -> str:
+    "Generate with every KV scheme from the run's model; report tokens/s, bytes/token and agreement with fp."
+    from course_lib.model import from_hf
+    folder = _run_model_folder(ctx.run_dir)
+    if folder is None: return "_No model in this run (pretrain/model or finetune/model): run the pretrain stage first._\n"
+    model = from_hf(folder)
+    encode, decode_bytes = _text_codec(folder)
+    prompt = encode("def ")[: model.cfg.max_seq_len // 2] or [0]
+    new = min(64, model.cfg.max_seq_len - len(prompt))
+    rows = compare_schemes(model, prompt, new, greedy=True)
+    out = ctx.stage_dir("inference")
+    (out / "schemes.json").write_text(json.dumps(rows, indent=2))
+    ctx.summary["inference"] = {s: {k: r[k] for k in ("tok_per_s", "kv_bytes_per_token", "first_difference")} for s, r in rows.items()}
+    lines = ["| KV cache | tokens/s | KV bytes/token (fp16 = 1.00) | first token differing from fp |", "|---|---|---|---|"]
+    fp16 = rows["fp"]["kv_bytes_per_token"]
+    for scheme, r in rows.items():
+        lines.append(f"| {scheme} | {r['tok_per_s']:,.0f} | {r['kv_bytes_per_token']:,.0f} ({r['kv_bytes_per_token'] / fp16:.2f}) "
+                     f"| {'none' if r['first_difference'] is None else r['first_difference']} |")
+    sample = decode_bytes(rows["fp"]["tokens"]).decode("utf-8", errors="replace").replace("```", "'''")
+    return (f"Greedy decoding of {new} tokens from `{folder.relative_to(ctx.run_dir)}` through each KV-cache scheme "
+            f"(the quantised caches dequantise on the fly on CPU, so they save memory, not time, here):\n\n"
+            + "\n".join(lines) + f"\n\nThe fp sample:\n\n```\n{sample}\n```\n")
+
+# %% ../nbs/06_inference.ipynb #940c5c3b
+@demo("inference")
+def inference_demo(run: str | None = None):
+    "A Gradio app: generate with a KV scheme and sampling settings; tokens/s, cache bytes, first difference from fp."
+    import gradio as gr
+
+    from course_lib.model import from_hf
+    import tempfile
+
+    from course_lib.pretrain import _find_model, _tiny_byte_model
+    folder = _find_model(run) or _tiny_byte_model(Path(tempfile.mkdtemp(prefix="camp-inference-")))
+    model = from_hf(folder)
+    encode, decode_bytes = _text_codec(folder)
+
+    def run_model(prompt: str, scheme: str, max_new: float, greedy: bool, temperature: float, top_k: float, top_p: float,
+                  penalty: float, seed: float):
+        ids = encode(prompt) or [0]
+        sampling = dict(greedy=greedy, temperature=temperature, top_k=int(top_k) or None, top_p=top_p, repetition_penalty=penalty)
+        new = max(1, min(int(max_new), model.cfg.max_seq_len - len(ids)))
+        rows = {}
+        for s in dict.fromkeys(["fp", scheme]):                         # fp first: the reference
+            start = time.perf_counter()
+            cache = KVCache(model.cfg, 1, len(ids) + new, s)
+            tokens = generate(model, ids, new, cache=cache, generator=torch.Generator().manual_seed(int(seed)), **sampling)
+            rows[s] = (tokens, len(tokens) / (time.perf_counter() - start), cache.nbytes)
+        tokens, speed, nbytes = rows[scheme]
+        first = next((i for i, (a, b) in enumerate(zip(tokens, rows["fp"][0])) if a != b), None)
+        stats = (f"**{scheme}**: {speed:,.0f} tokens/s; KV cache {nbytes:,} bytes for {len(ids) + len(tokens) - 1} positions "
+                 f"(fp32 here: {rows['fp'][2]:,}; {kv_bytes_per_token(model.cfg, scheme):,.0f} bytes/token vs "
+                 f"{kv_bytes_per_token(model.cfg, 'fp'):,.0f} for a 16-bit cache). "
+                 + ("Identical to the fp run." if first is None else f"First differs from the fp run at new token {first}."))
+        return decode_bytes(tokens).decode("utf-8", errors="replace"), json.dumps(tokens), stats
+
+    with gr.Blocks(title="LLM Camp: inference") as app:
+        gr.Markdown(f"# Generate through a KV cache\nModel: `{folder}`. Pick a KV-cache scheme and compare with full precision.")
+        prompt = gr.Textbox(value="def ", label="prompt", elem_id="prompt")
+        with gr.Row():
+            scheme = gr.Dropdown(list(KV_SCHEMES), value="int8", label="KV cache", elem_id="scheme")
+            max_new = gr.Slider(1, 200, value=60, step=1, label="new tokens", elem_id="max-new")
+            greedy = gr.Checkbox(value=True, label="greedy", elem_id="greedy")
+        with gr.Row():
+            temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="temperature", elem_id="temperature")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)", elem_id="top-k")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", elem_id="top-p")
+            penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="repetition penalty", elem_id="penalty")
+            seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        output = gr.Textbox(label="generated", elem_id="output", lines=6)
+        ids = gr.Textbox(label="token ids", elem_id="ids")
+        stats = gr.Markdown(elem_id="stats")
+        button.click(run_model, [prompt, scheme, max_new, greedy, temperature, top_k, top_p, penalty, seed], [output, ids, stats],
+                     api_name="generate")
+    return app
