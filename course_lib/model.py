@@ -67,6 +67,7 @@ class ModelConfig:
 # %% ../nbs/03_model.ipynb #ed23575b
 PRESETS: dict[str, ModelConfig] = {
     "cpu-1m":   ModelConfig(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256),
+    "cpu-draft": ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=192, max_seq_len=256),  # speculative draft for cpu-1m
     "gpu-25m":  ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1376, max_seq_len=512),
     "gpu-125m": ModelConfig(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2304,
                             max_seq_len=1024, tie_embeddings=False),
