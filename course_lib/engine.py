@@ -16,7 +16,7 @@ Decisions:
 __all__ = ['BlockManager', 'SamplingParams', 'Sequence', 'Scheduler', 'PagedKVCache', 'PagedBatch', 'slots_of',
            'paged_attention_reference', 'paged_attention_triton', 'StepOutput', 'EngineConfig', 'LLMEngine']
 
-# %% ../nbs/07_serving.ipynb #8a9e9388
+# %% ../nbs/07_serving.ipynb #0aa580b6
 import math
 import time
 from collections import deque
@@ -26,9 +26,10 @@ from itertools import count
 import torch
 
 from .inference import Sampling, next_tokens
+from .kernels import _jit, constexpr, tl, triton_available
 from .model import Decoder
 
-# %% ../nbs/07_serving.ipynb #de79ffd5
+# %% ../nbs/07_serving.ipynb #81419691
 class BlockManager:
     "A pool of KV-cache blocks: a free list, reference counts, prefix-cache hashes and copy-on-write."
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -114,7 +115,7 @@ class BlockManager:
         while len(table) < self.blocks_for(n_total): table.append(self._take())
         return True
 
-# %% ../nbs/07_serving.ipynb #eb62b785
+# %% ../nbs/07_serving.ipynb #79cadd90
 @dataclass
 class SamplingParams:
     "How one request is decoded."
@@ -154,7 +155,7 @@ class Sequence:
     def __repr__(self) -> str:
         return f"Sequence({self.seq_id}, len={len(self)}, computed={self.num_computed}, blocks={self.block_table})"
 
-# %% ../nbs/07_serving.ipynb #8578eeb4
+# %% ../nbs/07_serving.ipynb #be0f66a6
 class Scheduler:
     "Continuous batching: which sequences run this step, and how many of their tokens, under one token budget."
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 16, max_num_batched_tokens: int = 256):
@@ -211,7 +212,7 @@ class Scheduler:
             self.running.append(seq); scheduled.append((seq, n)); budget -= n
         return scheduled
 
-# %% ../nbs/07_serving.ipynb #cd7de65d
+# %% ../nbs/07_serving.ipynb #1632a66f
 class PagedKVCache:
     "The block pool of every layer: keys and values (n_layers, num_blocks * block_size, h_kv, hd), addressed by slot."
     def __init__(self, model: Decoder, num_blocks: int, block_size: int):
@@ -255,7 +256,7 @@ def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -
     table = torch.tensor(block_table, dtype=torch.long)
     return table[positions // block_size] * block_size + positions % block_size
 
-# %% ../nbs/07_serving.ipynb #dd7ecc4e
+# %% ../nbs/07_serving.ipynb #0ba3c8c9
 def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: list[list[int]],
                               context_lens: list[int], block_size: int) -> torch.Tensor:
     "Decode attention read through block tables: q (b, h, hd), pools (slots, h_kv, hd) -> (b, h, hd); the readable version."
@@ -269,55 +270,49 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
         out[r] = (scores.softmax(-1)[:, None, :] @ v.float())[:, 0].to(q.dtype)          # (h, hd)
     return out
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError: triton = None
-
-if triton is not None:
-    @triton.jit
-    def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale, max_blocks,
-                                N_HEADS: tl.constexpr, N_KV: tl.constexpr, BLOCK: tl.constexpr, HD: tl.constexpr):
-        "One program per (sequence, head): walk the sequence's blocks with an online softmax."
-        seq, head = tl.program_id(0), tl.program_id(1)
-        kv_head = head // (N_HEADS // N_KV)
-        d = tl.arange(0, HD)
-        offs = tl.arange(0, BLOCK)
-        q = tl.load(q_ptr + (seq * N_HEADS + head) * HD + d).to(tl.float32)                # (HD,)
-        length = tl.load(lens_ptr + seq)
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)      # running max of the scores
-        denom = tl.sum(tl.zeros([BLOCK], tl.float32), 0)                # running softmax denominator
-        acc = tl.zeros([HD], tl.float32)                                # running weighted sum of values
-        for j in range(0, tl.cdiv(length, BLOCK)):
-            block = tl.load(tables_ptr + seq * max_blocks + j)          # through the block table
-            pos = j * BLOCK + offs                                      # (BLOCK,) token positions
-            slot = block * BLOCK + offs
-            live = pos < length
-            k = tl.load(k_ptr + (slot[:, None] * N_KV + kv_head) * HD + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + (slot[:, None] * N_KV + kv_head) * HD + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(live, tl.sum(k * q[None, :], 1) * scale, float("-inf"))       # (BLOCK,)
-            m_new = tl.maximum(m, tl.max(scores, 0))
-            p = tl.exp(scores - m_new)                                  # (BLOCK,)
-            alpha = tl.exp(m - m_new)                                   # rescale what came before
-            denom = denom * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)               # (HD,)
-            m = m_new
-        tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc / denom)
+def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale, max_blocks,
+                            N_HEADS: constexpr, N_KV: constexpr, BLOCK: constexpr, HD: constexpr):
+    "One program per (sequence, head): walk the sequence's blocks with an online softmax."
+    seq, head = tl.program_id(0), tl.program_id(1)
+    kv_head = head // (N_HEADS // N_KV)
+    d = tl.arange(0, HD)
+    offs = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + (seq * N_HEADS + head) * HD + d).to(tl.float32)                # (HD,)
+    length = tl.load(lens_ptr + seq)
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)      # running max of the scores
+    denom = tl.sum(tl.zeros([BLOCK], tl.float32), 0)                # running softmax denominator
+    acc = tl.zeros([HD], tl.float32)                                # running weighted sum of values
+    for j in range(0, tl.cdiv(length, BLOCK)):
+        block = tl.load(tables_ptr + seq * max_blocks + j)          # through the block table
+        pos = j * BLOCK + offs                                      # (BLOCK,) token positions
+        slot = block * BLOCK + offs
+        live = pos < length
+        k = tl.load(k_ptr + (slot[:, None] * N_KV + kv_head) * HD + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + (slot[:, None] * N_KV + kv_head) * HD + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(live, tl.sum(k * q[None, :], 1) * scale, float("-inf"))       # (BLOCK,)
+        m_new = tl.maximum(m, tl.max(scores, 0))
+        p = tl.exp(scores - m_new)                                  # (BLOCK,)
+        alpha = tl.exp(m - m_new)                                   # rescale what came before
+        denom = denom * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)               # (HD,)
+        m = m_new
+    tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc / denom)
 
 def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: list[list[int]],
                            context_lens: list[int], block_size: int) -> torch.Tensor:
-    "The same through a Triton kernel (GPU, or CPU with TRITON_INTERPRET=1); head_dim and block_size powers of two."
-    if triton is None: raise ImportError("triton is not installed: pip install 'llm-camp[kernels]'")
+    "The same through a Triton kernel (GPU, or CPU with TRITON_INTERPRET=1 set before Triton is imported); head_dim and block_size powers of two."
+    if not triton_available(q.device):
+        raise RuntimeError("Triton cannot run here: it needs a CUDA device, or TRITON_INTERPRET=1 on CPU (pip install 'llm-camp[kernels]')")
     b, h, hd = q.shape
     width = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=q.device)   # (b, width)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=q.device)                     # (b,)
     out = torch.empty(b, h, hd, dtype=torch.float32, device=q.device)                       # (b, h, hd)
-    _paged_attention_kernel[(b, h)](q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), tables, lens, out,
+    _jit(_paged_attention_kernel)[(b, h)](q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), tables, lens, out,
                                     1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool.shape[1], BLOCK=block_size, HD=hd)
     return out.to(q.dtype)
 
-# %% ../nbs/07_serving.ipynb #17d0eae6
+# %% ../nbs/07_serving.ipynb #bebb5fe6
 @dataclass
 class StepOutput:
     "What one step produced for one request: a new token (None when it stopped on a stop id) and whether it finished."
