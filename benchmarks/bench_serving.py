@@ -84,7 +84,9 @@ def main():
     ap.add_argument("--levels", default="1,4,16,64")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prefix-requests", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0); rng = random.Random(0)
     cfg = get_config("cpu-1m", vocab_size=256, max_seq_len=1024)
     model = Decoder(cfg).to(args.device).eval()
@@ -92,7 +94,7 @@ def main():
     levels = [int(x) for x in args.levels.split(",")]
     rows, result = [], {"levels": {}}
     print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}  (ms)")
+    print(f"{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}{'passes':>8}  (ms; passes = engine steps)")
     for mode, max_seqs in (("continuous batching", 64), ("one at a time", 1)):
         url, engine, stop = start_server(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
                                          max_num_batched_tokens=1024, enable_prefix_caching=False)
@@ -100,13 +102,14 @@ def main():
         for c in levels:
             requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48))
                         for _ in range(max(8, min(2 * c, 64)))]
-            before = engine.stats["generated_tokens"]
+            before, steps_before = engine.stats["generated_tokens"], engine.stats["steps"]
             wall, ttft, itl = asyncio.run(run_load(url, requests, c))
             tps = (engine.stats["generated_tokens"] - before) / wall
-            print(f"{mode:<22}{c:>5}{len(requests):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}")
+            steps = engine.stats["steps"] - steps_before
+            print(f"{mode:<22}{c:>5}{len(requests):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}{steps:>8}")
             result["levels"].setdefault(mode, {})[c] = {"tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1),
                                                         "ttft_p95_ms": round(pct(ttft, 95), 1), "itl_p50_ms": round(pct(itl, 50), 2),
-                                                        "itl_p95_ms": round(pct(itl, 95), 2)}
+                                                        "itl_p95_ms": round(pct(itl, 95), 2), "steps": steps}
             if mode == "continuous batching" and c == max(levels):
                 block_bytes = engine.cache.nbytes // engine.bm.num_blocks
                 paged = engine.peak["blocks"] * block_bytes

@@ -17,7 +17,7 @@ __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'p
            'CompletionRequest', 'ChatRequest', 'APIError', 'Detokenizer', 'create_app', 'load_for_serving',
            'serve_in_thread', 'serve', 'serve_stage', 'chat_demo']
 
-# %% ../nbs/07b_server.ipynb #d9409a2a
+# %% ../nbs/07b_server.ipynb #f715dba3
 import asyncio
 import json
 import queue
@@ -34,7 +34,7 @@ from .model import Decoder, from_hf
 from .core import RunContext, demo, stage
 from .tokenizer import EOT, Tokenizer, load_tokenizer, render_chat
 
-# %% ../nbs/07b_server.ipynb #8e7f94db
+# %% ../nbs/07b_server.ipynb #8e2c8de8
 class AsyncEngine:
     "The engine on a background thread: `stream()` yields a request's StepOutputs; cancelling it aborts the request."
     def __init__(self, engine: LLMEngine):
@@ -106,7 +106,7 @@ class AsyncEngine:
     def shutdown(self):
         self._stopped = True; self._wake.set(); self.thread.join(timeout=5)
 
-# %% ../nbs/07b_server.ipynb #da1f70c0
+# %% ../nbs/07b_server.ipynb #3e778f62
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 def render_tools(tools: list[dict]) -> str:
@@ -148,7 +148,7 @@ def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> str:
         else: rendered.insert(0, {"role": "system", "content": render_tools(tools)})
     return render_chat(rendered, add_generation_prompt=True)
 
-# %% ../nbs/07b_server.ipynb #ac897ac9
+# %% ../nbs/07b_server.ipynb #c5d62a1a
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -194,7 +194,7 @@ class APIError(Exception):
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
 
-# %% ../nbs/07b_server.ipynb #a35eb7f3
+# %% ../nbs/07b_server.ipynb #805960d0
 class Detokenizer:
     "Incremental detokenisation: the text each new token adds, holding back an incomplete UTF-8 character."
     def __init__(self, tokenizer: Tokenizer):
@@ -354,7 +354,7 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
     yield first
     async for item in rest: yield item
 
-# %% ../nbs/07b_server.ipynb #1d208829
+# %% ../nbs/07b_server.ipynb #7365a8ba
 def load_for_serving(model_dir: str | Path, dtype=None) -> tuple[Decoder, Tokenizer, list[int]]:
     "Model, tokenizer and eos ids from a Hugging Face folder (config.json, weights, tokenizer.json)."
     folder = Path(model_dir)
@@ -397,7 +397,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_
     print(f"[camp] serving {model_dir} on http://{host}:{port}/v1 ({engine.bm.num_blocks} KV blocks of {engine.bm.block_size})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
-# %% ../nbs/07b_server.ipynb #6a06a92e
+# %% ../nbs/07b_server.ipynb #cd0ebd95
 def _model_folder(run: str | Path | None) -> Path:
     "The model a demo or stage serves: `run` itself, its pretrain/model, or the newest run's."
     from course_lib.core import newest_artifact
@@ -427,6 +427,7 @@ def serve_stage(ctx: RunContext) -> str:
     finally: stop()
     ttft = (times[0] - start) * 1000 if times else float("nan")
     ctx.summary["serve"] = {"models": names, "ttft_ms": round(ttft, 1), "metrics": metrics}
+    (ctx.stage_dir("serve") / "smoke.json").write_text(json.dumps(ctx.summary["serve"] | {"reply": text}, indent=2))
     if metrics["kv_blocks_used"] != 0: raise RuntimeError(f"the server leaked {metrics['kv_blocks_used']} KV blocks")
     return (f"Served the run's model at {url}/v1 and chatted through the `openai` client: models {names}, "
             f"time to first token {ttft:.0f} ms, {metrics['generated_tokens']} tokens generated, "
@@ -437,7 +438,7 @@ def _http_get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=30) as r: return r.read().decode()
 
-# %% ../nbs/07b_server.ipynb #24295d55
+# %% ../nbs/07b_server.ipynb #272f6e73
 @demo("chat")
 def chat_demo(run: str | None = None):
     "A Gradio chat that talks to the server through the openai client (a server of its own on loopback, or $CAMP_OPENAI_BASE_URL)."

@@ -228,3 +228,4 @@ def test_serve_stage_reports_and_leaks_nothing(server, tmp_path):
     report = serve_stage(ctx)
     assert "time to first token" in report and "0 of 128 KV blocks held" in report
     assert ctx.summary["serve"]["models"] == ["camp"] and ctx.summary["serve"]["metrics"]["generated_tokens"] > 0
+    assert json.loads((tmp_path / "serve" / "smoke.json").read_text())["models"] == ["camp"]
