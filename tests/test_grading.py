@@ -11,11 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _homework_copy(tmp_path: Path, *bad_cells: str, before: bool = True) -> Path:
-    "A copy of hw00 whose notebook is the reference solution with `bad_cells` added before (or after) its code."
+    "A student folder for hw00 whose notebook is the reference solution with `bad_cells` added before (or after) its code."
     folder = tmp_path / "hw00_core"
     shutil.copytree(REPO / "homework" / "hw00_core", folder)
     (folder / "data.txt").write_text("a file the notebook may try to delete")
-    nb = nbformat.read(folder / "solution.ipynb", as_version=4)
+    nb = nbformat.read(REPO / "instructor" / "hw00_core" / "hw00_core.ipynb", as_version=4)
     extra = [nbformat.v4.new_code_cell(src) for src in bad_cells]
     nb.cells = extra + nb.cells if before else nb.cells + extra
     nbformat.write(nb, folder / "student.ipynb")
@@ -41,15 +41,23 @@ def test_misbehaving_but_correct_notebook_gets_full_marks_and_messages(tmp_path)
     assert "printed more than" in problems
     assert "ran out of memory" in problems
     # the student's real folder is untouched: the notebook ran in a throw-away copy
-    assert (folder / "data.txt").exists() and (folder / "grading" / "test_hw00.py").exists()
+    assert (folder / "data.txt").exists() and (REPO / "instructor" / "hw00_core" / "grading" / "test_hw00.py").exists()
     assert (tmp_path / "grade.json").exists()
 
 
 def test_notebook_that_defeats_cell_limits_is_stopped_and_scores_zero(tmp_path):
     folder = _homework_copy(tmp_path, "import time\nwhile True:\n    try:\n        time.sleep(1)\n    except Exception:\n        pass")
-    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=25, cell_timeout_s=2), out=tmp_path / "grade.json")
+    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=60, cell_timeout_s=2), out=tmp_path / "grade.json")
     assert result["max_points"] == 10 and result["points"] == 0
-    assert "ran past the time limit of 25 s" in result["problems"][0]
+    assert "ran past the time limit of 2 s" in result["problems"][0], result["problems"]
+    assert all("the notebook did not run" in t["message"] for q in result["questions"] for t in q["tests"])
+
+
+def test_notebook_past_the_whole_run_limit_is_stopped_and_scores_zero(tmp_path):
+    folder = _homework_copy(tmp_path, *["import time\ntime.sleep(1.5)"] * 40)   # each cell within its limit, all of them not
+    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=40, cell_timeout_s=2), out=tmp_path / "grade.json")
+    assert result["max_points"] == 10 and result["points"] == 0
+    assert "ran past the time limit of 40 s" in result["problems"][0]
     assert all(t["message"].startswith("not run") for q in result["questions"] for t in q["tests"])
 
 

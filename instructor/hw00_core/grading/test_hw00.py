@@ -5,6 +5,8 @@ import pytest
 
 from course_lib import core
 
+REFERENCES = ["course_lib.core.human_bytes", "course_lib.core.split_of", "course_lib.core.limit_records"]
+
 
 @pytest.mark.question("q1 human_bytes", points=1)
 def test_human_bytes_edge_cases(student):

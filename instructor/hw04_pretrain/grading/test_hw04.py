@@ -6,6 +6,9 @@ import torch
 
 from course_lib.pretrain import AdamW, CosineSchedule
 
+REFERENCES = ["course_lib.pretrain.AdamW", "course_lib.pretrain.CosineSchedule"]
+FORBIDDEN = {"torch.optim": "hw04 asks you to write the optimizer step yourself"}
+
 
 @pytest.mark.question("q1 cosine_lr", points=1)
 def test_cosine_edge_cases(student):
