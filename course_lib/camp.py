@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-blocks", type=int, default=256, help="KV-cache blocks in the pool")
     sv.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sv.add_argument("--no-prefix-caching", action="store_true", help="turn off reuse of cached prompt prefixes")
+    ev = sub.add_parser("eval", help="evaluate models on tasks from a JSON config into one leaderboard (chapter 8)")
+    ev.add_argument("config", help="JSON: {models: [...], tasks: [...], niah: {...}, out: FOLDER}")
+    ev.add_argument("--out", help="report folder (default: the config's 'out', else runs/eval)")
     rm = sub.add_parser("readme", help="render README.md from nbs/index.ipynb")
     rm.add_argument("--check", action="store_true", help="fail if README.md differs instead of writing it")
     return p
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             from course_lib.serve import serve
             serve(args.model_dir, args.host, args.port, args.api_key, args.model_name, num_blocks=args.num_blocks,
                   block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching)
+        elif args.command == "eval":
+            from course_lib.evalsuite import eval_main
+            print(f"[camp] report: {eval_main(args.config, args.out)}")
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":

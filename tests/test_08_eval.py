@@ -175,3 +175,27 @@ def test_generation_is_bounded(tiny):
     lm = CourseLM(tiny["model"], tiny["tok"])
     short, longer = lm.generate(["x = "], max_tokens=5)[0], lm.generate(["x = "], max_tokens=20)[0]
     assert longer.startswith(short) and len(longer) > len(short)
+
+
+def test_camp_eval_and_eval_stage(tiny, tmp_path):
+    "`camp eval CONFIG` over the course model and a student JSONL task, and the `eval` stage of `camp run` on a run folder."
+    from course_lib.camp import main
+    from course_lib.core import RunContext, load_settings
+    from course_lib.evalsuite import eval_stage
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps({"question": f"{a} + {a} =", "choices": [str(2 * a), str(a)], "answer": 0})
+                                                   for a in range(1, 5)))
+    config = {"models": [{"type": "course", "path": str(tiny["folder"] / "model"), "name": "fp"},
+                         {"type": "course", "path": str(tiny["folder"] / "model"), "name": "int8kv", "kv": "int8"}],
+              "tasks": [{"builtin": "cloze_en", "n": 4}, {"path": str(tmp_path / "mine.jsonl"), "style": "letters", "circular": True}],
+              "niah": {"lengths": [64, 128], "depths": [0.0, 1.0]}, "ppl_texts": 1, "out": str(tmp_path / "out")}
+    (tmp_path / "suite.json").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "suite.json")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"] == ["fp", "int8kv"] and len(results["results"]) == 4
+    assert "mine/circular_acc" in (tmp_path / "out" / "report.md").read_text()
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(tiny["folder"] / "model", run / "pretrain" / "model")
+    ctx = RunContext(run, load_settings("ci"))
+    section = eval_stage(ctx)
+    assert "cloze_en/acc" in section and (run / "eval" / "report.md").is_file() and ctx.summary["eval"]["contaminated"] > 0.5
