@@ -9,7 +9,7 @@ __all__ = ['NEEDLE', 'NIAH_QUESTION', 'NGRAM', 'PASSED', 'SINGLE_PROMPT', 'PAIR_
            'judge_single', 'judge_pairwise', 'ScriptedJudge', 'bradley_terry', 'bootstrap_ratings', 'load_model',
            'load_suite_task', 'run_suite', 'leaderboard', 'plot_leaderboard', 'write_report', 'eval_main', 'eval_stage']
 
-# %% ../nbs/08b_evalsuite.ipynb #e56133f4
+# %% ../nbs/08b_evalsuite.ipynb #54b1be45
 """Evaluation harness, part 2: long context, contamination, code, judges, reports.
 
 - Needle in a haystack: a numbered fact is put at each depth of each context length (in tokens of the model's own tokenizer when it has one, else words), the model is asked for the number by generation, and the grid is plotted as OpenCompass does (depth down, length across).
@@ -21,7 +21,7 @@ __all__ = ['NEEDLE', 'NIAH_QUESTION', 'NGRAM', 'PASSED', 'SINGLE_PROMPT', 'PAIR_
 - A scripted judge decides by a Python rule, so the judge machinery is tested deterministically.
 """
 
-# %% ../nbs/08b_evalsuite.ipynb #8c2cb2e1
+# %% ../nbs/08b_evalsuite.ipynb #7aefbbf3
 import concurrent.futures as cf
 import json
 import math
@@ -35,7 +35,7 @@ import numpy as np
 from .core import embedded_corpus, stable_hash
 from .eval import LM, Task, cut_at_stop, evaluate
 
-# %% ../nbs/08b_evalsuite.ipynb #f5009881
+# %% ../nbs/08b_evalsuite.ipynb #82aeb0c9
 NEEDLE = "The secret number of the camp is {number}."
 NIAH_QUESTION = "\n\nQuestion: What is the secret number of the camp?\nAnswer: The secret number of the camp is"
 
@@ -84,7 +84,7 @@ def plot_needle_grid(result: dict, title: str = "needle in a haystack", ax=None)
     ax.figure.colorbar(image, ax=ax, label="retrieved")
     return ax
 
-# %% ../nbs/08b_evalsuite.ipynb #c3618d0d
+# %% ../nbs/08b_evalsuite.ipynb #9343d148
 NGRAM = 13
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
@@ -132,7 +132,7 @@ def contamination(task: Task, index: NgramIndex) -> dict:
     return {"task": task.name, "n": len(records), "contaminated": sum(r["contaminated"] for r in records) / max(1, len(records)),
             "mean_overlap": float(np.mean([r["overlap"] for r in records])) if records else 0.0, "records": records}
 
-# %% ../nbs/08b_evalsuite.ipynb #976dbfdd
+# %% ../nbs/08b_evalsuite.ipynb #07dae6a1
 def pass_at_k(n: int, c: int, k: int) -> float:
     "Unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k), as a stable product."
     if not 0 <= c <= n or k < 1: raise ValueError(f"need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
@@ -190,7 +190,7 @@ def score_code(lm: LM, task: Task, workers: int = 2) -> dict:
                for k, (it, c, r) in enumerate(zip(task.items, completions, results))]
     return {"metrics": code_scores(results), "records": records}
 
-# %% ../nbs/08b_evalsuite.ipynb #12080259
+# %% ../nbs/08b_evalsuite.ipynb #adedfc94
 SINGLE_PROMPT = ("Please act as an impartial judge and rate the answer to the question on a scale of 1 to 10.\n"
                  "Question: {question}\nAnswer: {answer}\nReply with the rating in double brackets, e.g. [[5]].\nRating:")
 PAIR_PROMPT = ("Please act as an impartial judge and decide which assistant answered the question better.\n"
@@ -238,7 +238,7 @@ class ScriptedJudge(LM):
             else: out.append("I cannot judge this.")
         return out
 
-# %% ../nbs/08b_evalsuite.ipynb #0bbcad87
+# %% ../nbs/08b_evalsuite.ipynb #01e9fab2
 def bradley_terry(battles: list[tuple[str, str, str]], iters: int = 500, tol: float = 1e-10) -> dict[str, float]:
     "Strengths from (player_a, player_b, winner in {'A','B','tie'}) by Hunter's MM updates; log-strengths centred at 0."
     players = sorted({p for a, b, _ in battles for p in (a, b)})
@@ -278,7 +278,7 @@ def bootstrap_ratings(battles: list[tuple[str, str, str]], rounds: int = 200, se
                 "hi": 1000 + scale * float(np.nanpercentile(samples[p], hi_q))}
             for p in sorted(point, key=lambda p: -point[p])}
 
-# %% ../nbs/08b_evalsuite.ipynb #1a1537e2
+# %% ../nbs/08b_evalsuite.ipynb #2c945066
 def load_model(spec: dict) -> LM:
     "A back end from a config entry: {'type': 'course'|'hf'|'openai', 'path' or 'base_url', 'name', ...}."
     from course_lib.eval import CourseLM, HFLM, OpenAILM
@@ -330,7 +330,7 @@ def leaderboard(suite: dict) -> list[dict]:
         rows.append(row)
     return rows
 
-# %% ../nbs/08b_evalsuite.ipynb #8e14a89d
+# %% ../nbs/08b_evalsuite.ipynb #f273948f
 def _markdown_table(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -380,7 +380,7 @@ def eval_main(config_path: str | Path, out: str | Path | None = None) -> Path:
     suite = run_suite(config)
     return write_report(suite, out or config.get("out", "runs/eval"))
 
-# %% ../nbs/08b_evalsuite.ipynb #2707f754
+# %% ../nbs/08b_evalsuite.ipynb #0523d814
 from .core import RunContext, stage
 
 @stage("eval", order=80)
