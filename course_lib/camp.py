@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-blocks", type=int, default=256, help="KV-cache blocks in the pool")
     sv.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sv.add_argument("--no-prefix-caching", action="store_true", help="turn off reuse of cached prompt prefixes")
+    ev = sub.add_parser("eval", help="evaluate models on tasks from a JSON config into one leaderboard (chapter 8)")
+    ev.add_argument("config", help="JSON: {models: [...], tasks: [...], niah: {...}, out: FOLDER}")
+    ev.add_argument("--out", help="report folder (default: the config's 'out', else runs/eval)")
     rm = sub.add_parser("readme", help="render README.md and README_zh.md from nbs/index.ipynb and nbs/index_zh.ipynb")
     rm.add_argument("--check", action="store_true", help="fail if a README differs instead of writing it")
     return p
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finetune":
             from course_lib.finetune import main as finetune_main
             return finetune_main(([args.config] if args.config else []) + args.overrides)
+        elif args.command == "eval":
+            from course_lib.evalsuite import eval_main
+            print(f"[camp] report: {eval_main(args.config, args.out)}")
         elif args.command == "doctor":
             print(_table("camp doctor", doctor_report()))
         elif args.command == "settings":
