@@ -15,9 +15,10 @@ Decisions:
 # %% auto #0
 __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'parse_tool_calls', 'chat_prompt', 'FunctionCall',
            'ToolCall', 'FunctionSpec', 'Tool', 'ChatMessage', 'CompletionRequest', 'ChatRequest', 'APIError',
-           'Detokenizer', 'create_app', 'load_for_serving', 'serve_in_thread', 'serve', 'serve_stage', 'chat_demo']
+           'Detokenizer', 'create_app', 'load_for_serving', 'serve_in_thread', 'serve', 'serve_stage',
+           'serve_chat_demo']
 
-# %% ../nbs/07b_server.ipynb #9504ad82
+# %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
 import json
 import queue
@@ -34,7 +35,7 @@ from .model import Decoder, from_hf
 from .core import RunContext, demo, stage
 from .tokenizer import EOT, Tokenizer, load_tokenizer, render_chat
 
-# %% ../nbs/07b_server.ipynb #55762e6a
+# %% ../nbs/07b_server.ipynb #4f79abb1
 class AsyncEngine:
     "The engine on a background thread: `stream()` yields a request's StepOutputs; cancelling it aborts the request."
     def __init__(self, engine: LLMEngine):
@@ -106,7 +107,7 @@ class AsyncEngine:
     def shutdown(self):
         self._stopped = True; self._wake.set(); self.thread.join(timeout=5)
 
-# %% ../nbs/07b_server.ipynb #5a0054a8
+# %% ../nbs/07b_server.ipynb #44957d1c
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 def render_tools(tools: list[dict]) -> str:
@@ -150,7 +151,7 @@ def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> str:
         else: rendered.insert(0, {"role": "system", "content": render_tools(tools)})
     return render_chat(rendered, add_generation_prompt=True)
 
-# %% ../nbs/07b_server.ipynb #bd018ed8
+# %% ../nbs/07b_server.ipynb #64c60690
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -219,7 +220,7 @@ class APIError(Exception):
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
 
-# %% ../nbs/07b_server.ipynb #74a72607
+# %% ../nbs/07b_server.ipynb #87ccb186
 class Detokenizer:
     "Incremental detokenisation: the text each new token adds, holding back an incomplete UTF-8 character."
     def __init__(self, tokenizer: Tokenizer):
@@ -380,7 +381,7 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
     yield first
     async for item in rest: yield item
 
-# %% ../nbs/07b_server.ipynb #44bb78d3
+# %% ../nbs/07b_server.ipynb #20a588cd
 def load_for_serving(model_dir: str | Path, dtype=None) -> tuple[Decoder, Tokenizer, list[int]]:
     "Model, tokenizer and eos ids from a Hugging Face folder (config.json, weights, tokenizer.json)."
     folder = Path(model_dir)
@@ -423,7 +424,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_
     print(f"[camp] serving {model_dir} on http://{host}:{port}/v1 ({engine.bm.num_blocks} KV blocks of {engine.bm.block_size})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
-# %% ../nbs/07b_server.ipynb #4a1c0b90
+# %% ../nbs/07b_server.ipynb #39c25961
 def _model_folder(run: str | Path | None) -> Path:
     "The model a demo or stage serves: `run` itself, its pretrain/model, or the newest run's."
     from course_lib.core import newest_artifact
@@ -464,9 +465,9 @@ def _http_get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=30) as r: return r.read().decode()
 
-# %% ../nbs/07b_server.ipynb #719c438e
-@demo("chat")
-def chat_demo(run: str | None = None):
+# %% ../nbs/07b_server.ipynb #644b14b4
+@demo("serve-chat")                                                   # "chat" is chapter 5's fine-tuned-model chat
+def serve_chat_demo(run: str | None = None):
     "A Gradio chat that talks to the server through the openai client (a server of its own on loopback, or $CAMP_OPENAI_BASE_URL)."
     import os
     import gradio as gr
