@@ -24,7 +24,7 @@ def test_chat_demo_streams_the_greedy_reply(launch_demo, page, tmp_path):
     want = tok.decode(LLMEngine(model, num_blocks=64, block_size=8).generate([ids], SamplingParams(max_tokens=12, stop_ids=stops))[0])
 
     assert want.strip()                                                 # a reply to wait for, not the empty start
-    url = launch_demo("chat", "--run", str(tmp_path))
+    url = launch_demo("serve-chat", "--run", str(tmp_path))
     page.goto(url, wait_until="load")
     for slider, value in (("#temperature", "0"), ("#max-tokens", "12")):   # greedy, 12 tokens
         number = page.locator(f"{slider} input[type=number]")
