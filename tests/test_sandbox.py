@@ -53,11 +53,12 @@ open('mine.txt', 'w').write('ok'); print('own folder writable')
 
 @pytest.mark.skipif(not ISOLATED, reason="this machine gives no namespaces: Isolation.missing says what is not guaranteed")
 def test_everything_the_code_started_ends_with_it():
+    seconds = f"{300 + np.random.default_rng().random():.6f}"   # a command line no other process on this machine has
     with Session(SandboxLimits(wall_s=20)) as s:
-        s.run("import os, subprocess\nsubprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        s.run(f"import os, subprocess\nsubprocess.Popen(['sleep', '{seconds}'], start_new_session=True)\n"
               "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    import time\n    time.sleep(300)\n    os._exit(0)")
     time.sleep(1)
-    sleepers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith("sleep\x00300")]
+    sleepers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == f"sleep\x00{seconds}\x00"]
     assert sleepers == []
 
 
