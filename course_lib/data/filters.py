@@ -233,15 +233,14 @@ def quality_signals(text: str, cjk: bool | None = None) -> dict[str, float]:
         "ellipsis_lines": sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines),
         "alpha_words": sum(any(c.isalpha() for c in t) for t in counted) / len(counted) if counted else 0.0,
         "stop_words": len(stop_words & {w.lower() for w in words}),
-        "cjk": float(cjk),
     }
 
-def quality_verdict(signals: dict[str, float], cfg: CleanConfig) -> Drop | None:
-    "The first Gopher quality rule `signals` break, or None."
+def quality_verdict(signals: dict[str, float], cfg: CleanConfig, cjk: bool = False) -> Drop | None:
+    "The first Gopher quality rule `signals` break, or None; `cjk` selects the CJK word-length bounds."
     s, c = signals, cfg
     if s["words"] < c.min_words: return Drop("too_few_words", f"{s['words']} < {c.min_words}")
     if s["words"] > c.max_words: return Drop("too_many_words", f"{s['words']} > {c.max_words}")
-    low, high = ((c.cjk_min_mean_word_length, c.cjk_max_mean_word_length) if s.get("cjk")
+    low, high = ((c.cjk_min_mean_word_length, c.cjk_max_mean_word_length) if cjk
                  else (c.min_mean_word_length, c.max_mean_word_length))
     if not low <= s["mean_word_length"] <= high:
         return Drop("mean_word_length", f"{s['mean_word_length']:.1f} outside [{low}, {high}]")
@@ -260,7 +259,8 @@ def quality_verdict(signals: dict[str, float], cfg: CleanConfig) -> Drop | None:
 def gopher_quality(doc: dict, cfg: CleanConfig) -> dict | Drop:
     "Drop prose that breaks a Gopher quality rule (too short/long, odd word lengths, symbol-heavy, list-like, no stop words)."
     if _kind(doc) == "code": return doc
-    return quality_verdict(quality_signals(doc["text"], is_cjk(doc["text"], cfg.cjk_fraction)), cfg) or doc
+    cjk = is_cjk(doc["text"], cfg.cjk_fraction)
+    return quality_verdict(quality_signals(doc["text"], cjk), cfg, cjk) or doc
 
 # %% ../../nbs/01a_data_filters.ipynb #a3250d57
 def _duplicates(items: list[str]) -> tuple[float, float]:
