@@ -136,7 +136,8 @@ def apply_steps(doc: dict, cfg: CleanConfig,
     (None, step, Drop) for the step that dropped it. A step that raises drops the document ('step_error'),
     never the run. The bookings go to `accounts` under the document's language, known only after the steps.
     """
-    raw_bytes = doc.get("meta", {}).get("bytes", 0) or nbytes(doc.get("text") or "")
+    text = doc.get("text")
+    raw_bytes = doc.get("meta", {}).get("bytes", 0) or (nbytes(text) if isinstance(text, str) else 0)
     size = (doc.get("meta", {}).get("bytes", 0) if doc.get("meta", {}).get("error") else None)
     size = nbytes(doc["text"]) if size is None and isinstance(doc.get("text"), str) else (size or 0)
     booked = []  # (step, bytes in, bytes out or None, reason or None)
