@@ -555,8 +555,8 @@ def test_english_rules_misfire_on_chinese_and_the_cjk_rules_do_not():
     english = quality_signals(text, cjk=False)   # whitespace words: the whole article is one 'word'
     assert english["words"] == 1 and quality_verdict(english, CFG).reason == "too_few_words"
     chinese = quality_signals(text)
-    assert chinese["cjk"] == 1.0 and 80 < chinese["words"] < 200 and 1.2 < chinese["mean_word_length"] < 3.0
-    assert chinese["stop_words"] >= 2 and quality_verdict(chinese, CFG) is None
+    assert 80 < chinese["words"] < 200 and 1.2 < chinese["mean_word_length"] < 3.0
+    assert chinese["stop_words"] >= 2 and quality_verdict(chinese, CFG, cjk=True) is None
     assert words_of("我们在北京") == ("我们", "在", "北京")
     kept, removed, verdict = c4_paragraphs(ZH_NEWS, CFG)   # 。-terminated sentences count; no spaces needed
     assert removed == [] and verdict is None

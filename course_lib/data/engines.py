@@ -1,4 +1,4 @@
-"""Our per-document steps and deduplication plan run unchanged inside Hugging Face `datasets` and as datatrove pipeline steps.
+"""Our per-document steps and dedup plan run unchanged inside Hugging Face `datasets` and as datatrove steps.
 `datasets.map(num_proc=N)` runs the steps and our `dedup_plan` decides the drops: the kept set equals our pipeline's.
 datatrove's dedup step sees every document, so it runs as one task; at scale, datatrove's sharded MinHash stages."""
 

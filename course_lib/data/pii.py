@@ -1,5 +1,5 @@
 """Personal data and secrets in text become typed placeholders (<EMAIL>, <IPV4>, <PHONE>, <ID_CARD>, <SECRET>, ...).
-Each kind is a pattern plus a validator: IPs must parse with `ipaddress`; ID cards need a real birth date and check digit.
+Each kind is a pattern plus a validator: IPs must parse; ID cards need a real birth date and check digit.
 Numbers right after 'version', 'release', 'build' or 'rev' are never addresses.
 Assigned secrets must look random (Shannon entropy >= 3.5 bits per character), so `password = "password"` stays.
 Earlier kinds win overlaps; the step never drops a document, it counts what it redacted in meta['pii']."""

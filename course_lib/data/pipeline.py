@@ -1,4 +1,4 @@
-"""Every input document ends kept or dropped with the (step, reason) that dropped it, and a run fails when kept + dropped != input.
+"""Every input document ends kept or dropped with its (step, reason); a run fails when kept + dropped != input.
 A step that raises drops its document as 'step_error' instead of ending the run, and the run's report says so loudly.
 Per-document work runs in parallel by shard; memory is bounded by the shard, not the corpus.
 A shard's results are committed by writing its accounts last, so an interrupted run resumes where it stopped.
@@ -94,7 +94,8 @@ class Accounts:
         if sub := self._language(lang):
             sub.add_input(raw_bytes)
 
-    def record(self, step: str, bytes_in: int, bytes_out: int | None, reason: str | None = None, lang: str | None = None):
+    def record(self, step: str, bytes_in: int, bytes_out: int | None, reason: str | None = None,
+               lang: str | None = None):
         row = self.steps.setdefault(step, _empty_row())
         row["docs_in"] += 1
         row["bytes_in"] += bytes_in
@@ -136,7 +137,8 @@ def apply_steps(doc: dict, cfg: CleanConfig,
     (None, step, Drop) for the step that dropped it. A step that raises drops the document ('step_error'),
     never the run. The bookings go to `accounts` under the document's language, known only after the steps.
     """
-    raw_bytes = doc.get("meta", {}).get("bytes", 0) or nbytes(doc.get("text") or "")
+    text = doc.get("text")
+    raw_bytes = doc.get("meta", {}).get("bytes", 0) or (nbytes(text) if isinstance(text, str) else 0)
     size = (doc.get("meta", {}).get("bytes", 0) if doc.get("meta", {}).get("error") else None)
     size = nbytes(doc["text"]) if size is None and isinstance(doc.get("text"), str) else (size or 0)
     booked = []  # (step, bytes in, bytes out or None, reason or None)
@@ -164,7 +166,7 @@ def apply_steps(doc: dict, cfg: CleanConfig,
 
 # %% ../../nbs/01d_data_pipeline.ipynb #7e2534a2
 def explain(text: str, cfg: CleanConfig | None = None, kind: str = "prose") -> list[dict]:
-    "Each per-document step's verdict on `text` (for the demo and for reading): [{step, verdict, reason, detail, text}]."
+    "Each per-document step's verdict on `text` (for the demo): [{step, verdict, reason, detail, text}]."
     cfg = cfg or CleanConfig()
     doc = {"id": "pasted", "text": text, "meta": {"kind": kind, "bytes": nbytes(text)}}
     rows = []
@@ -202,7 +204,7 @@ def _batches(records: Iterable[dict], max_docs: int, max_bytes: int) -> Iterator
 def _part(work: Path, index: int, suffix: str) -> Path: return work / f"part-{index:05d}{suffix}"
 
 def _map_shard(index: int, records: list[dict], cfg: CleanConfig, work: Path) -> int:
-    "Worker: per-document steps over one input shard; writes kept docs, their hashes and signatures, drops and accounts."
+    "Worker: per-document steps over one shard; writes kept docs, their hashes, signatures and lines, drops, accounts."
     accounts = Accounts(cfg.steps)
     hasher = MinHasher(cfg.num_perm, cfg.seed) if "near_dedup" in cfg.steps else None
     kept, dropped, index_rows, signatures, lines = [], [], [], [], []
@@ -241,8 +243,8 @@ def _check_chain(books: dict, where: str) -> int:
     for step, row in books["steps"].items():
         dropped = sum(c["docs"] for c in row["dropped"].values())
         if row["docs_in"] != previous or row["docs_in"] != row["docs_out"] + dropped:
-            raise RuntimeError(f"accounting broken{where} at step {step!r}: in={row['docs_in']}, out={row['docs_out']}, "
-                               f"dropped={dropped}, previous step's out={previous}")
+            raise RuntimeError(f"accounting broken{where} at step {step!r}: in={row['docs_in']}, "
+                               f"out={row['docs_out']}, dropped={dropped}, previous step's out={previous}")
         previous = row["docs_out"]
     return previous
 
@@ -487,7 +489,7 @@ def _step_error_warning(n_errors: int, examples: list[dict]) -> str:
 
 @stage("data", order=10)
 def data_stage(ctx: RunContext) -> str:
-    "Clean corpus/docs.jsonl (or the settings' corpus) into data/shards/, data/stats.json, data/dropped.jsonl, data/funnel.png."
+    "Clean the run's corpus into data/shards/, data/stats.json, data/dropped.jsonl and the funnel plots."
     s, out = ctx.settings, ctx.stage_dir("data")
     source, records = ctx.input_records(cleaned=False)
     stats = clean_corpus(records, out, CleanConfig.from_settings(s), workers=s.data_workers)
@@ -502,7 +504,8 @@ def data_stage(ctx: RunContext) -> str:
     ctx.summary["data"] = {"input_docs": stats["input"]["docs"], "input_bytes": stats["input"]["bytes"],
                            "kept_docs": stats["kept"]["docs"], "kept_bytes": stats["kept"]["bytes"],
                            "dropped": dict(reasons), "step_errors": n_errors, "seconds": stats["seconds"],
-                           "shards": len(stats["shards"]), "languages": {r["lang"]: {k: v for k, v in r.items() if k != "lang"} for r in languages}}
+                           "shards": len(stats["shards"]),
+                           "languages": {r["lang"]: {k: v for k, v in r.items() if k != "lang"} for r in languages}}
     warning = ""
     if n_errors:
         print(f"[camp] WARNING: the data stage dropped {n_errors} document(s) as step_error (a cleaning step raised); "
@@ -510,12 +513,13 @@ def data_stage(ctx: RunContext) -> str:
         warning = _step_error_warning(n_errors, examples)
     rows = "\n".join(f"| {label} | {docs:,} | {human_bytes(size)} |" for label, docs, size in funnel(stats))
     top = "\n".join(f"| {reason} | {n:,} |" for reason, n in reasons.most_common(12))
-    per_language = "\n".join(f"| {r['lang']} | {r['input_docs']:,} | {human_bytes(r['input_bytes'])} | {r['kept_docs']:,} | "
-                              f"{human_bytes(r['kept_bytes'])} | {r['top_drop']} |" for r in languages)
+    per_language = "\n".join(f"| {r['lang']} | {r['input_docs']:,} | {human_bytes(r['input_bytes'])} | "
+                              f"{r['kept_docs']:,} | {human_bytes(r['kept_bytes'])} | {r['top_drop']} |" for r in languages)
     kept, total = stats["kept"], stats["input"]
     return (
         f"{warning}Cleaned {source} in {stats['seconds']:.1f} s with {s.data_workers} process(es): kept "
-        f"{kept['docs']:,} of {total['docs']:,} documents ({human_bytes(kept['bytes'])} of {human_bytes(total['bytes'])}) "
+        f"{kept['docs']:,} of {total['docs']:,} documents "
+        f"({human_bytes(kept['bytes'])} of {human_bytes(total['bytes'])}) "
         f"in {len(stats['shards'])} shard(s) under `data/shards/`; every drop is listed with its reason in "
         f"`data/dropped.jsonl`.\n\n"
         f"| after step | documents | bytes |\n|---|---|---|\n{rows}\n\n"
