@@ -484,16 +484,28 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 DEMOS: dict[str, Callable[..., Any]] = {}
 
+def _check_unique(registry: dict, name: str, fn, fn_of) -> None:
+    "Two chapters registering one name would silently keep only the last: refuse it (re-running a cell is fine)."
+    if name in registry:
+        old = fn_of(registry[name])
+        if (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"'{name}' is already registered by {old.__module__}.{old.__qualname__}; "
+                             f"choose another name for {fn.__module__}.{fn.__qualname__}")
+
 def stage(name: str, order: int):
     "Register the decorated function as the `camp run` stage `name` at position `order` in the chain."
     def register(fn):
-        STAGES[name] = Stage(name, order, fn); return fn
+        _check_unique(STAGES, name, fn, lambda s: s.fn)
+        STAGES[name] = Stage(name, order, fn)
+        return fn
     return register
 
 def demo(name: str):
     "Register the decorated function (returning a Gradio app) as `camp demo name`."
     def register(fn):
-        DEMOS[name] = fn; return fn
+        _check_unique(DEMOS, name, fn, lambda f: f)
+        DEMOS[name] = fn
+        return fn
     return register
 
 # %% ../nbs/00_core.ipynb #6bde082d

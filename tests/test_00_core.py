@@ -50,3 +50,21 @@ def test_from_settings_matches_field_names_and_overrides_win():
     assert from_settings(Config, s) == Config(seed=5, vocab_size=s.vocab_size, mine="default")
     assert from_settings(Config, s, seed=9, mine="x") == Config(seed=9, vocab_size=s.vocab_size, mine="x")
     assert from_settings(Config, Settings()).vocab_size == Settings.vocab_size
+
+
+def test_a_second_registration_of_a_name_is_refused():
+    from course_lib.core import DEMOS, STAGES, demo, stage
+
+    def first(): pass
+    def second(): pass
+    try:
+        demo("test-dup")(first)
+        demo("test-dup")(first)  # re-running the same cell registers the same function again: fine
+        with pytest.raises(ValueError, match="already registered by .*first"):
+            demo("test-dup")(second)
+        stage("test-dup", order=999)(first)
+        with pytest.raises(ValueError, match="already registered"):
+            stage("test-dup", order=999)(second)
+    finally:
+        DEMOS.pop("test-dup", None)
+        STAGES.pop("test-dup", None)
