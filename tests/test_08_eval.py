@@ -199,3 +199,19 @@ def test_camp_eval_and_eval_stage(tiny, tmp_path):
     ctx = RunContext(run, load_settings("ci"))
     section = eval_stage(ctx)
     assert "cloze_en/acc" in section and (run / "eval" / "report.md").is_file() and ctx.summary["eval"]["contaminated"] > 0.5
+
+
+def test_cloze_task_chinese_records():
+    "The Chinese cloze cuts the last two characters before 。; without the zh corpus kind the error says what is missing."
+    rng = __import__("random").Random(0)
+    pool = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+    sentences = ["".join(rng.choice(pool) for _ in range(rng.randint(14, 30))) for _ in range(12)]
+    task = cloze_task(6, records=[{"text": "。".join(sentences) + "。"}], lang="zh", seed=1)
+    for item in task.items:
+        full = item["question"] + item["choices"][item["answer"]]
+        assert full in sentences and len(item["choices"][item["answer"]]) == 2 and len(set(item["choices"])) == 4
+    try:
+        from course_lib.core import embedded_corpus
+        list(embedded_corpus("zh", max_docs=1))
+    except ValueError:
+        with pytest.raises(ValueError, match="zh"): cloze_task(5, lang="zh")
