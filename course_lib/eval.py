@@ -232,11 +232,12 @@ class OpenAILM(LM):
         return lp
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        "Sum of the continuation's prompt logprobs (tokens starting at or after the context's end)."
+        "Sum of the continuation's prompt logprobs: tokens starting at or after the context's end (its trailing spaces go with the continuation, as in encode_pair)."
         def one(req):
             ctx, cont = req
             lp = self._echo_logprobs(ctx + cont)
-            keep = [i for i, off in enumerate(lp["text_offset"]) if len(ctx) <= off < len(ctx + cont)]
+            boundary = len(ctx.rstrip())
+            keep = [i for i, off in enumerate(lp["text_offset"]) if boundary <= off < len(ctx + cont)]
             greedy = all(max(lp["top_logprobs"][i].values()) <= lp["token_logprobs"][i] + 1e-6 for i in keep)
             return sum(lp["token_logprobs"][i] for i in keep), greedy
         return self._map(one, requests)

@@ -215,3 +215,36 @@ def test_cloze_task_chinese_records():
         list(embedded_corpus("zh", max_docs=1))
     except ValueError:
         with pytest.raises(ValueError, match="zh"): cloze_task(5, lang="zh")
+
+
+def test_remote_loglikelihood_from_echo_logprobs(tiny):
+    """Against a vLLM-shaped echo endpoint (prompt logprobs with text offsets, first token None), the remote log-likelihoods
+    equal the local ones: the offset bookkeeping picks exactly the continuation's tokens."""
+    from fastapi import FastAPI
+    from course_lib.serve import serve_in_thread
+    model, tok = tiny["model"], tiny["tok"]
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        ids = tok.encode(body["prompt"])
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids]))[0].float(), -1)   # (t, V): row i predicts token i + 1
+        lps = [None] + [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        tops = [None] + [{tok.decode([int(logp[i - 1].argmax())]): logp[i - 1].max().item()} for i in range(1, len(ids))]
+        offsets, at = [], 0
+        for t in ids:
+            offsets.append(at); at += len(tok.decode([t]))
+        nxt = int(logp[-1].argmax())                                     # the one generated token (max_tokens=1)
+        return {"choices": [{"text": body["prompt"] + tok.decode([nxt]), "index": 0, "finish_reason": "length", "logprobs": {
+            "tokens": [tok.decode([t]) for t in ids + [nxt]], "token_logprobs": lps + [logp[-1, nxt].item()],
+            "top_logprobs": tops + [{tok.decode([nxt]): logp[-1, nxt].item()}], "text_offset": offsets + [at]}}]}
+
+    url, stop = serve_in_thread(app)
+    try:
+        reqs = [("def f(x):", " return x"), ("import json", " as j"), ("class A:", " pass"), ("x = ", "1")]
+        remote = OpenAILM(url, "tiny", concurrency=2).loglikelihood(reqs)
+    finally: stop()
+    local = CourseLM(model, tok).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(remote, local):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
