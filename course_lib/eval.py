@@ -8,7 +8,7 @@ __all__ = ['LETTERS', 'EXTRACTORS', 'LM', 'cut_at_stop', 'LocalLM', 'CourseLM', 
            'exact_match', 'f1_score', 'rotations', 'circular_scores', 'score_mcq', 'score_gen', 'evaluate',
            'perplexity', 'heldout_texts', 'cloze_task', 'sft_tasks', 'write_task']
 
-# %% ../nbs/08_eval.ipynb #958a26c0
+# %% ../nbs/08_eval.ipynb #854ff8f1
 """Evaluation harness, part 1: one model interface, tasks from JSONL, scoring, perplexity.
 
 - Three back ends answer the same three requests: `loglikelihood` of a continuation after a context, `loglikelihood_rolling` of a whole text, and greedy `generate` with stop strings.
@@ -21,7 +21,7 @@ __all__ = ['LETTERS', 'EXTRACTORS', 'LM', 'cut_at_stop', 'LocalLM', 'CourseLM', 
 - Perplexity and bits per byte come from the same rolling log-likelihood; bits per byte divide by UTF-8 bytes, so models with different tokenizers compare.
 """
 
-# %% ../nbs/08_eval.ipynb #6f8d7d88
+# %% ../nbs/08_eval.ipynb #56b83fff
 import concurrent.futures as cf
 import json
 import math
@@ -37,9 +37,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .core import embedded_corpus, stable_hash
+from .core import embedded_corpus
 
-# %% ../nbs/08_eval.ipynb #8c7e8bed
+# %% ../nbs/08_eval.ipynb #e4c0c40c
 class LM:
     "What every back end answers; subclasses implement the three requests."
     name: str = "lm"
@@ -60,7 +60,7 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> str:
     ends = [i for s in stop if s and (i := text.find(s)) >= 0]
     return text[:min(ends)] if ends else text
 
-# %% ../nbs/08_eval.ipynb #36252795
+# %% ../nbs/08_eval.ipynb #3c6705f4
 class LocalLM(LM):
     "A causal LM in this process, given as `encode`, `decode` and a `logits` function of (b, t) ids."
     def __init__(self, name: str, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
@@ -132,7 +132,7 @@ class LocalLM(LM):
             outs.append(cut_at_stop(self.decode(new), stop))
         return outs
 
-# %% ../nbs/08_eval.ipynb #e0620421
+# %% ../nbs/08_eval.ipynb #02001f0f
 class CourseLM(LocalLM):
     "The course's own Decoder and Tokenizer; generation goes through chapter 6's KV cache (fp, int8, int4, kivi)."
     def __init__(self, model, tokenizer, name: str = "course", eos_ids: Iterable[int] = (), kv: str = "fp",
@@ -177,7 +177,7 @@ class HFLM(LocalLM):
                          lambda ids: tok.decode(ids), lambda ids: self.hf(ids).logits, max_length,
                          prefix if prefix is not None else 0, stops, batch_size)
 
-# %% ../nbs/08_eval.ipynb #cf601242
+# %% ../nbs/08_eval.ipynb #c8c39afd
 class EndpointError(RuntimeError):
     "The endpoint could not be reached or refused the request, after retries."
 
@@ -232,11 +232,12 @@ class OpenAILM(LM):
         return lp
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        "Sum of the continuation's prompt logprobs (tokens starting at or after the context's end)."
+        "Sum of the continuation's prompt logprobs: tokens starting at or after the context's end (its trailing spaces go with the continuation, as in encode_pair)."
         def one(req):
             ctx, cont = req
             lp = self._echo_logprobs(ctx + cont)
-            keep = [i for i, off in enumerate(lp["text_offset"]) if len(ctx) <= off < len(ctx + cont)]
+            boundary = len(ctx.rstrip())
+            keep = [i for i, off in enumerate(lp["text_offset"]) if boundary <= off < len(ctx + cont)]
             greedy = all(max(lp["top_logprobs"][i].values()) <= lp["token_logprobs"][i] + 1e-6 for i in keep)
             return sum(lp["token_logprobs"][i] for i in keep), greedy
         return self._map(one, requests)
@@ -249,7 +250,7 @@ class OpenAILM(LM):
             return sum(lp), len(lp)
         return self._map(one, texts)
 
-# %% ../nbs/08_eval.ipynb #954e5bdd
+# %% ../nbs/08_eval.ipynb #0449dea9
 LETTERS = string.ascii_uppercase
 
 @dataclass
@@ -311,7 +312,7 @@ def load_task(path: str | Path, name: str | None = None, n_shot: int = 0, **task
     if not items: raise TaskFileError(f"{path}: no items")
     return Task(name or path.stem, kinds.pop(), items[n_shot:], fewshot=items[:n_shot], **task_kwargs)
 
-# %% ../nbs/08_eval.ipynb #1ee7b1f2
+# %% ../nbs/08_eval.ipynb #574818d2
 def mcq_prompt(item: dict, style: str = "cloze") -> tuple[str, list[str]]:
     "(context, continuations): cloze scores ' ' + each choice after the question; letters lists the options and scores ' A', ' B', ..."
     if style == "cloze": return item["question"], [" " + c for c in item["choices"]]
@@ -336,7 +337,7 @@ def with_fewshot(task: Task, prompt: str) -> str:
         else: shots.append(gen_prompt(ex, task.chat) + " " + ex["answer"])
     return "\n\n".join([*shots, prompt])
 
-# %% ../nbs/08_eval.ipynb #e28236c6
+# %% ../nbs/08_eval.ipynb #4976ee1e
 def _last_number(text: str) -> str:
     found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
     return found[-1].replace(",", "") if found else ""
@@ -379,7 +380,7 @@ def f1_score(prediction: str, reference: str) -> float:
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
 
-# %% ../nbs/08_eval.ipynb #6f5e3afc
+# %% ../nbs/08_eval.ipynb #d97e2de1
 def rotations(item: dict) -> list[dict]:
     "The item once per cyclic rotation of its choices (ABCD, BCDA, CDAB, DABC), answer index moved along."
     n = len(item["choices"])
@@ -396,7 +397,7 @@ def circular_scores(correct: list[bool], group: list[int]) -> dict:
             "acc_all_rotations": sum(correct) / len(correct),
             "circular_acc": sum(all(oks) for oks in by_item.values()) / len(by_item)}
 
-# %% ../nbs/08_eval.ipynb #197ccc6d
+# %% ../nbs/08_eval.ipynb #ac5fe228
 def score_mcq(lm: LM, task: Task, circular: bool = False) -> dict:
     "Accuracy (and length-normalised accuracy) by log-likelihood; with `circular`, every rotation is asked too."
     asked = [(rot, k) for k, item in enumerate(task.items) for rot in (rotations(item) if circular else [item])]
@@ -449,7 +450,7 @@ def evaluate(lm: LM, task: Task, circular: bool = False, limit: int | None = Non
     return {"task": task.name, "model": lm.name, "kind": task.kind, "n": len(task.items), **out,
             "seconds": time.perf_counter() - start}
 
-# %% ../nbs/08_eval.ipynb #29c2fe38
+# %% ../nbs/08_eval.ipynb #876cbe15
 def perplexity(lm: LM, texts: list[str]) -> dict:
     "Perplexity per token and bits per UTF-8 byte over `texts` (tokenizer-independent), from rolling log-likelihoods."
     scores = lm.loglikelihood_rolling(texts)
@@ -465,7 +466,7 @@ def heldout_texts(n: int = 8, chars: int = 1000) -> list[str]:
     docs = [r["text"] for r in embedded_corpus("prose") if split_of(r["id"]) == "val"]
     return [d[:chars] for d in docs[:n]]
 
-# %% ../nbs/08_eval.ipynb #66c5777a
+# %% ../nbs/08_eval.ipynb #48167010
 def _sentences(text: str, lang: str) -> list[str]:
     if lang == "zh": return [s.strip() + "。" for s in text.split("。") if 12 <= len(s.strip()) <= 80]
     flat = " ".join(text.split())

@@ -7,8 +7,8 @@ __all__ = ['NEEDLE', 'NIAH_QUESTION', 'NGRAM', 'PASSED', 'SINGLE_PROMPT', 'PAIR_
            'needle_grid', 'plot_needle_grid', 'words_of', 'ngram_hashes', 'NgramIndex', 'item_text', 'contamination',
            'pass_at_k', 'humaneval_problems', 'check_program', 'run_tests', 'execute', 'code_scores', 'extract_code',
            'score_code', 'judge_single', 'judge_pairwise', 'ScriptedJudge', 'bradley_terry', 'bootstrap_ratings',
-           'load_model', 'load_suite_task', 'run_suite', 'leaderboard', 'plot_leaderboard', 'write_report', 'eval_main',
-           'eval_stage', 'eval_demo']
+           'load_backend', 'load_suite_task', 'run_suite', 'leaderboard', 'plot_leaderboard', 'write_report',
+           'eval_main', 'eval_stage', 'eval_demo']
 
 # %% ../nbs/08b_evalsuite.ipynb #105c41f4
 """Evaluation harness, part 2: long context, contamination, code, judges, reports.
@@ -281,7 +281,7 @@ def bootstrap_ratings(battles: list[tuple[str, str, str]], rounds: int = 200, se
             for p in sorted(point, key=lambda p: -point[p])}
 
 # %% ../nbs/08b_evalsuite.ipynb #55ac2538
-def load_model(spec: dict) -> LM:
+def load_backend(spec: dict) -> LM:
     "A back end from a config entry: {'type': 'course'|'hf'|'openai', 'path' or 'base_url', 'name', ...}."
     from course_lib.eval import CourseLM, HFLM, OpenAILM
     kind = spec.get("type", "course")
@@ -306,7 +306,7 @@ def run_suite(config: dict) -> dict:
     "Every model on every task (plus perplexity and NIAH when asked): {'models', 'results', 'perplexity', 'niah'}."
     from course_lib.eval import heldout_texts, perplexity
     if not config.get("models"): raise ValueError("the config lists no 'models'")
-    lms = [load_model(m) for m in config["models"]]
+    lms = [load_backend(m) for m in config["models"]]
     tasks = [(spec, load_suite_task(spec)) for spec in config.get("tasks", [])]
     out = {"models": [lm.name for lm in lms], "results": [], "perplexity": {}, "niah": {}}
     for lm in lms:

@@ -199,3 +199,52 @@ def test_camp_eval_and_eval_stage(tiny, tmp_path):
     ctx = RunContext(run, load_settings("ci"))
     section = eval_stage(ctx)
     assert "cloze_en/acc" in section and (run / "eval" / "report.md").is_file() and ctx.summary["eval"]["contaminated"] > 0.5
+
+
+def test_cloze_task_chinese_records():
+    "The Chinese cloze cuts the last two characters before 。; without the zh corpus kind the error says what is missing."
+    rng = __import__("random").Random(0)
+    pool = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+    sentences = ["".join(rng.choice(pool) for _ in range(rng.randint(14, 30))) for _ in range(12)]
+    task = cloze_task(6, records=[{"text": "。".join(sentences) + "。"}], lang="zh", seed=1)
+    for item in task.items:
+        full = item["question"] + item["choices"][item["answer"]]
+        assert full in sentences and len(item["choices"][item["answer"]]) == 2 and len(set(item["choices"])) == 4
+    try:
+        from course_lib.core import embedded_corpus
+        list(embedded_corpus("zh", max_docs=1))
+    except ValueError:
+        with pytest.raises(ValueError, match="zh"): cloze_task(5, lang="zh")
+
+
+def test_remote_loglikelihood_from_echo_logprobs(tiny):
+    """Against a vLLM-shaped echo endpoint (prompt logprobs with text offsets, first token None), the remote log-likelihoods
+    equal the local ones: the offset bookkeeping picks exactly the continuation's tokens."""
+    from fastapi import FastAPI
+    from course_lib.serve import serve_in_thread
+    model, tok = tiny["model"], tiny["tok"]
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        ids = tok.encode(body["prompt"])
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids]))[0].float(), -1)   # (t, V): row i predicts token i + 1
+        lps = [None] + [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        tops = [None] + [{tok.decode([int(logp[i - 1].argmax())]): logp[i - 1].max().item()} for i in range(1, len(ids))]
+        offsets, at = [], 0
+        for t in ids:
+            offsets.append(at); at += len(tok.decode([t]))
+        nxt = int(logp[-1].argmax())                                     # the one generated token (max_tokens=1)
+        return {"choices": [{"text": body["prompt"] + tok.decode([nxt]), "index": 0, "finish_reason": "length", "logprobs": {
+            "tokens": [tok.decode([t]) for t in ids + [nxt]], "token_logprobs": lps + [logp[-1, nxt].item()],
+            "top_logprobs": tops + [{tok.decode([nxt]): logp[-1, nxt].item()}], "text_offset": offsets + [at]}}]}
+
+    url, stop = serve_in_thread(app)
+    try:
+        reqs = [("def f(x):", " return x"), ("import json", " as j"), ("class A:", " pass"), ("x = ", "1")]
+        remote = OpenAILM(url, "tiny", concurrency=2).loglikelihood(reqs)
+    finally: stop()
+    local = CourseLM(model, tok).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(remote, local):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
