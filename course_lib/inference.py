@@ -8,7 +8,7 @@ __all__ = ['CACHE_SCHEMES', 'KV_SCHEMES', 'kv_bytes_per_token', 'LayerCache', 'F
            'cache_perplexity', 'Int4Linear', 'quantize_weights', 'speculative_generate', 'compare_schemes',
            'inference_stage', 'inference_demo']
 
-# %% ../nbs/06_inference.ipynb #d65a57e2
+# %% ../nbs/06_inference.ipynb #b3a3fca5
 import codecs
 import json
 import math
@@ -23,13 +23,13 @@ from .core import RunContext, demo, stage
 from .kernels import dequantize_asym, int4_matmul, pack_bits, quantize_asym, quantize_store, unpack_bits
 from .model import Decoder, ModelConfig, filter_logits
 
-# %% ../nbs/06_inference.ipynb #a46d90b8
+# %% ../nbs/06_inference.ipynb #77669818
 def kv_bytes_per_token(cfg: ModelConfig, scheme: str = "fp", dtype: torch.dtype = torch.float16, residual: int = 32) -> float:
     "KV-cache bytes per token over all layers for a scheme (payload + scales + zeros; KIVI's block statistics amortised)."
     h, d = cfg.n_kv_heads, cfg.head_dim
     return cfg.n_layers * CACHE_SCHEMES[_parse_scheme(scheme)[0]].bytes_per_token(h, d, _parse_scheme(scheme)[1], dtype, residual)
 
-# %% ../nbs/06_inference.ipynb #31226533
+# %% ../nbs/06_inference.ipynb #b426b911
 class LayerCache:
     "One layer's keys and values for a batch, pre-allocated for max_len positions; `update` appends and returns all so far."
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -71,7 +71,7 @@ class FPCache(LayerCache):
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (b, h_kv, s, d) views, no copy
 
-# %% ../nbs/06_inference.ipynb #8fe24896
+# %% ../nbs/06_inference.ipynb #f118d1e6
 class QuantCache(LayerCache):
     "Per-token asymmetric int8/int4 (LMDeploy): codes (b, h_kv, L, d*bits/8), float16 scale and zero (b, h_kv, L)."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=8, residual=None):
@@ -99,7 +99,7 @@ class QuantCache(LayerCache):
         self.length += t
         return self._dequantize(self.k), self._dequantize(self.v)
 
-# %% ../nbs/06_inference.ipynb #5212014a
+# %% ../nbs/06_inference.ipynb #502ce280
 class KIVICache(LayerCache):
     "KIVI: keys per channel over blocks of `residual` tokens, values per token; the newest (length mod residual) tokens in full precision."
     def __init__(self, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu", bits=2, residual=32):
@@ -167,7 +167,7 @@ class KIVICache(LayerCache):
         if length < self.n_quant: raise ValueError(f"a KIVI cache cannot crop into its quantised blocks ({self.n_quant} positions)")
         super().crop(length)
 
-# %% ../nbs/06_inference.ipynb #cd2de62c
+# %% ../nbs/06_inference.ipynb #a4c25ede
 CACHE_SCHEMES = {"fp": FPCache, "int": QuantCache, "kivi": KIVICache}
 KV_SCHEMES = ("fp", "int8", "int4", "kivi4", "kivi2")             # the names users pass
 
@@ -199,7 +199,7 @@ class KVCache:
         "Forget positions from `length` on in every layer."
         for layer in self.layers: layer.crop(length)
 
-# %% ../nbs/06_inference.ipynb #ea6a1233
+# %% ../nbs/06_inference.ipynb #28149d96
 @dataclass(frozen=True)
 class Sampling:
     "How the next token is chosen; greedy ignores the rest."
@@ -229,7 +229,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | N
     probs = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)   # (b, V)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]      # (b,)
 
-# %% ../nbs/06_inference.ipynb #92bf09a5
+# %% ../nbs/06_inference.ipynb #ecac2761
 def _as_batch(prompts) -> tuple[list[list[int]], bool]:
     "A batch of token lists from one list/1-D tensor (single=True) or a list of lists/2-D tensor."
     if isinstance(prompts, torch.Tensor): prompts = prompts.tolist()
@@ -270,7 +270,7 @@ def decode_steps(model: Decoder, prompts: list[list[int]], max_new_tokens: int, 
                        attention_mask=full_mask[:, :s] if padded else None)[:, -1]   # (b, V)
         position = position + 1
 
-# %% ../nbs/06_inference.ipynb #f6210f8f
+# %% ../nbs/06_inference.ipynb #1f07c8b7
 def _token_bytes(tokenizer, token: int) -> bytes:
     "The bytes of one token: our Tokenizer's decode_bytes, else the UTF-8 of decode()."
     return tokenizer.decode_bytes([token]) if hasattr(tokenizer, "decode_bytes") else tokenizer.decode([token]).encode()
@@ -320,7 +320,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, *,
         if all(done): break
     return out[0] if single else out
 
-# %% ../nbs/06_inference.ipynb #152476bf
+# %% ../nbs/06_inference.ipynb #f32476d6
 @torch.no_grad()
 def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: int, *, eos_id: int | None = None,
            stop: tuple[str, ...] | list[str] = (), kv: str = "fp", generator: torch.Generator | None = None,
@@ -341,7 +341,7 @@ def stream(model: Decoder, tokenizer, prompt: str | list[int], max_new_tokens: i
         if token == eos_id or any(s in text for s in stop): return
     if tail := utf8.decode(b"", final=True): yield -1, tail            # a dangling partial character, flushed
 
-# %% ../nbs/06_inference.ipynb #f299ce13
+# %% ../nbs/06_inference.ipynb #1e11ec3f
 @torch.no_grad()
 def cache_perplexity(model: Decoder, tokens: torch.Tensor, scheme: str | None = "fp", seq_len: int = 256, chunk: int = 32,
                      residual: int = 32) -> float:
@@ -361,7 +361,7 @@ def cache_perplexity(model: Decoder, tokens: torch.Tensor, scheme: str | None = 
         count += seq_len
     return math.exp(total / count)
 
-# %% ../nbs/06_inference.ipynb #e9a83c5f
+# %% ../nbs/06_inference.ipynb #09aa223f
 class Int4Linear(torch.nn.Module):
     "A bias-free linear layer with group-wise 4-bit weights (course_lib.quant.GroupQuant); forward through kernels.int4_matmul."
     def __init__(self, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False):
@@ -387,7 +387,7 @@ def quantize_weights(model: Decoder, group_size: int = 128, symmetric: bool = Fa
                     setattr(parent, name, quantized)
     return {"fp16_bytes": before, "int4_bytes": after}
 
-# %% ../nbs/06_inference.ipynb #1f8b5874
+# %% ../nbs/06_inference.ipynb #e7d50f5d
 @torch.no_grad()
 def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max_new_tokens: int, k: int = 4,
                          eos_id: int | None = None) -> tuple[list[int], dict]:
@@ -428,7 +428,7 @@ def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max
     stats["tokens_per_target_call"] = len(new) / stats["target_calls"]
     return new, stats
 
-# %% ../nbs/06_inference.ipynb #7784bcc6
+# %% ../nbs/06_inference.ipynb #f0cbd263
 def _run_model_folder(run_dir: Path) -> Path | None:
     "The run's fine-tuned model if there is one, else its pretrained model (Hugging Face folders)."
     for sub in ("finetune/model", "finetune/merged", "pretrain/model"):
@@ -460,6 +460,7 @@ def compare_schemes(model: Decoder, prompt: list[int], max_new_tokens: int, sche
 def inference_stage(ctx: RunContext) -> str:
     "Generate with every KV scheme from the run's model; report tokens/s, bytes/token and agreement with fp."
     from course_lib.model import from_hf
+    out = ctx.stage_dir("inference")
     folder = _run_model_folder(ctx.run_dir)
     if folder is None: return "_No model in this run (pretrain/model or finetune/model): run the pretrain stage first._\n"
     model = from_hf(folder)
@@ -467,7 +468,6 @@ def inference_stage(ctx: RunContext) -> str:
     prompt = encode("def ")[: model.cfg.max_seq_len // 2] or [0]
     new = min(64, model.cfg.max_seq_len - len(prompt))
     rows = compare_schemes(model, prompt, new, greedy=True)
-    out = ctx.stage_dir("inference")
     (out / "schemes.json").write_text(json.dumps(rows, indent=2))
     ctx.summary["inference"] = {s: {k: r[k] for k in ("tok_per_s", "kv_bytes_per_token", "first_difference")} for s, r in rows.items()}
     lines = ["| KV cache | tokens/s | KV bytes/token (fp16 = 1.00) | first token differing from fp |", "|---|---|---|---|"]
@@ -480,7 +480,7 @@ def inference_stage(ctx: RunContext) -> str:
             f"(the quantised caches dequantise on the fly on CPU, so they save memory, not time, here):\n\n"
             + "\n".join(lines) + f"\n\nThe fp sample:\n\n```\n{sample}\n```\n")
 
-# %% ../nbs/06_inference.ipynb #940c5c3b
+# %% ../nbs/06_inference.ipynb #38973230
 @demo("inference")
 def inference_demo(run: str | None = None):
     "A Gradio app: generate with a KV scheme and sampling settings; tokens/s, cache bytes, first difference from fp."

@@ -172,3 +172,31 @@ def test_int4_weights_match_dequantised_float64_model(model):
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert torch.allclose(q(idx).double(), ref(idx), atol=1e-4)
+
+
+def test_cache_perplexity_through_fp_cache_equals_plain_cross_entropy(model):
+    import math
+
+    from course_lib.inference import cache_perplexity
+    torch.manual_seed(2)
+    text = torch.randint(0, 97, (200,))
+    with torch.no_grad():                                               # by hand: one window of 64, plain logits
+        windows = [(text[s:s + 64], text[s + 1:s + 65]) for s in range(0, 200 - 64, 64)]
+        nll = sum(torch.nn.functional.cross_entropy(model(x[None])[0], y, reduction="sum").item() for x, y in windows)
+    want = math.exp(nll / (64 * len(windows)))
+    assert abs(cache_perplexity(model, text, "fp", seq_len=64, chunk=16) - want) < 1e-3 * want
+    assert cache_perplexity(model, text, "int4", seq_len=64, chunk=16) != want
+    with pytest.raises(ValueError, match="need more than"):
+        cache_perplexity(model, text[:10], "fp", seq_len=64)
+
+
+def test_inference_stage_reports_every_scheme(model, tmp_path):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.inference import KV_SCHEMES, inference_stage
+    ctx = RunContext(tmp_path, load_settings(tier="ci"))
+    assert "No model in this run" in inference_stage(ctx) and (tmp_path / "inference").is_dir()
+    torch.manual_seed(0)
+    export_hf(Decoder(tiny(vocab_size=257)), tmp_path / "pretrain" / "model")   # no tokenizer.json: UTF-8 bytes
+    report = inference_stage(ctx)
+    assert all(f"| {s} |" in report for s in KV_SCHEMES)
+    assert ctx.summary["inference"]["fp"]["first_difference"] is None

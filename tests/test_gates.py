@@ -87,8 +87,8 @@ def test_readme_zh_is_a_front_door(repo_root):
 def test_glossary_has_every_core_term_with_a_chapter(repo_root):
     rows = [l for l in (repo_root / "docs" / "glossary.md").read_text().splitlines() if l.startswith("| ") and "---" not in l][1:]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert all(len(c) == 4 and c[0] and c[1] and c[2] and re.fullmatch(r"\d(, \d)*", c[3]) for c in cells), \
-        [c for c in cells if len(c) != 4 or not re.fullmatch(r"\d(, \d)*", c[3])]
+    assert all(len(c) == 4 and c[0] and c[1] and c[2] and re.fullmatch(r"\d+(, \d+)*", c[3]) for c in cells), \
+        [c for c in cells if len(c) != 4 or not re.fullmatch(r"\d+(, \d+)*", c[3])]
     chinese = {c[1] for c in cells}
     for term in ("词元", "分词器", "预训练", "微调", "量化", "KV 缓存", "连续批处理", "评测", "智能体", "检索增强生成"):
         assert any(term in zh for zh in chinese), f"glossary lacks {term}"
