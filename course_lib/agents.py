@@ -9,13 +9,13 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'type_schema', 'fu
            'Step', 'Trace', 'call_tool', 'react', 'parse_plan', 'rewoo', 'held_out_arithmetic', 'tool_use_success',
            'calculator_policy', 'agent_success', 'agents_stage']
 
-# %% ../nbs/09_agents.ipynb #05a79851
+# %% ../nbs/09_agents.ipynb #05ea705b
 """Agents: tools described from Python functions, chat back ends behind one interface, ReAct and ReWOO loops with traces.
 
 - A tool is a Python function; its name, docstring, type hints and docments comments become the OpenAI function-calling JSON schema, so the schema can never drift from the code.
 - Arguments are validated against that schema before the call (wrong type, missing, unknown, not in the enum); an int is accepted for a number, a bool never for an int.
 - A tool never raises through an agent loop: a bad argument, an exception or a timeout comes back as an observation starting with "error:" that the model reads and can recover from.
-- A tool's timeout runs it on a daemon thread (a thread cannot be killed; a hung tool is abandoned); the Python interpreter tool runs in chapter 12's sandbox, whose process is killed.
+- A tool's timeout runs it on a daemon thread (a thread cannot be killed; a hung tool is abandoned); the Python interpreter tool runs in chapter 12's sandbox, whose process is killed; the interpreter also caps the sandboxed user's processes (RLIMIT_NPROC), so a fork bomb fails at fork.
 - Messages are kept in the OpenAI shape (assistant `tool_calls`, `tool` replies with `tool_call_id`) whatever the back end; a text back end renders them with chapter 7's `chat_prompt`, which writes calls in chapter 5's `<tool_call>` format, and parses replies with chapter 5's `parse_tool_calls`.
 - Token counts are the back end's own (the course tokenizer, the endpoint's usage); the scripted back end counts whitespace-separated words.
 - Every loop is bounded: a step limit, a limit on malformed actions in a row, a wall-clock limit; each ends with a final message that says why it stopped.
@@ -23,7 +23,7 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'type_schema', 'fu
 - The search tool is a BM25 index of its own (Lucene's idf, k1=1.5, b=0.75) over paragraphs of the embedded course corpus.
 """
 
-# %% ../nbs/09_agents.ipynb #e522e101
+# %% ../nbs/09_agents.ipynb #c0f10d0d
 import inspect
 import json
 import math
@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session
 from .sft import ToolCallError, calculate, parse_tool_calls
 
-# %% ../nbs/09_agents.ipynb #7ad75e2a
+# %% ../nbs/09_agents.ipynb #fd2a8cb4
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
 
 def type_schema(tp) -> dict:
@@ -78,7 +78,7 @@ def function_schema(fn: Callable, name: str | None = None) -> dict:
     return {"name": name or fn.__name__, "description": doc.split("\n\n")[0].strip(),
             "parameters": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 
-# %% ../nbs/09_agents.ipynb #fb2efab9
+# %% ../nbs/09_agents.ipynb #4ea4d67b
 class ToolArgumentError(ValueError):
     "Arguments that do not match a tool's schema."
 
@@ -102,7 +102,7 @@ def validate_arguments(arguments, parameters: dict) -> dict:
     for k, v in arguments.items(): _check(v, props[k], f"argument {k!r}")
     return arguments
 
-# %% ../nbs/09_agents.ipynb #e5168aad
+# %% ../nbs/09_agents.ipynb #5b04be91
 @dataclass
 class Tool:
     "A function a model may call, with its schema; `run` never raises."
@@ -144,19 +144,21 @@ def tool(fn: Callable | None = None, *, name: str | None = None, timeout_s: floa
         return Tool(f, s["name"], s["description"], s["parameters"], timeout_s)
     return make(fn) if fn is not None else make
 
-# %% ../nbs/09_agents.ipynb #fa11d630
+# %% ../nbs/09_agents.ipynb #67b1e694
 @tool(name="calculator")
 def calculator(expression: str, # numbers, + - * / and parentheses, e.g. "(3 + 4) * 12"
               ) -> str:
     "Evaluate an arithmetic expression exactly (chapter 5's safe evaluator, never eval)."
     return calculate(expression)
 
-# %% ../nbs/09_agents.ipynb #33edb3d8
+# %% ../nbs/09_agents.ipynb #64fa46bd
 class PythonInterpreter:
     "A code-interpreter tool: Python run in one sandboxed `Session`, so variables persist across calls."
     def __init__(self, limits: SandboxLimits = SandboxLimits(cpu_s=60, wall_s=10, memory_mb=1024, output_bytes=20_000, file_mb=16),
-                 max_chars: int = 4000):
-        self.limits, self.max_chars, self.session = limits, max_chars, None
+                 max_chars: int = 4000,
+                 max_processes: int = 32,   # RLIMIT_NPROC of the sandboxed user: a fork bomb fails instead of filling the machine
+                 hidden=None):              # paths the code may not read (default: the sandbox's own list)
+        self.limits, self.max_chars, self.max_processes, self.hidden, self.session = limits, max_chars, max_processes, hidden, None
         self.tool = Tool(self.run, "python", "Run Python code in a persistent sandbox and return what it printed; "
                          "variables persist between calls; no network, no files outside its folder.",
                          {"type": "object", "properties": {"code": {"type": "string", "description": "Python source to run"}},
@@ -164,7 +166,9 @@ class PythonInterpreter:
 
     def run(self, code: str) -> str:
         "Run `code`; its output (cut to max_chars), then 'error: ...' if it failed; a killed sandbox restarts on the next call."
-        if self.session is None or self.session.dead: self.session = Session(self.limits)
+        if self.session is None or self.session.dead:
+            self.session = Session(self.limits, hidden=self.hidden)
+            self.session.run(f"import resource as _r; _r.setrlimit(_r.RLIMIT_NPROC, ({self.max_processes}, {self.max_processes})); del _r")
         try: r = self.session.run(code)
         except (SandboxTimeout, SandboxDied) as e:
             self.session.close()
@@ -181,7 +185,7 @@ class PythonInterpreter:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/09_agents.ipynb #c1044779
+# %% ../nbs/09_agents.ipynb #b52a5648
 def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
     "A `read_file` tool that reads text files under `root` only (symbolic links and .. resolved first)."
     root = Path(root).resolve()
@@ -195,7 +199,7 @@ def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
         return text[:max_chars] + (f"\n... ({len(text) - max_chars} more characters)" if len(text) > max_chars else "")
     return tool(read_file)
 
-# %% ../nbs/09_agents.ipynb #2ed5d06e
+# %% ../nbs/09_agents.ipynb #dbfded2b
 def _terms(text: str) -> list[str]: return re.findall(r"\w+", text.lower())
 
 class BM25:
@@ -237,7 +241,7 @@ def corpus_index(max_bytes: int = 400_000) -> BM25:
     from course_lib.sft import passages
     return BM25(list(passages(embedded_corpus("prose", max_bytes=max_bytes))))
 
-# %% ../nbs/09_agents.ipynb #a82a1788
+# %% ../nbs/09_agents.ipynb #ecc85d4c
 @dataclass
 class Reply:
     "One model turn: its text, the tool calls it made ({'id', 'name', 'arguments'}), a parse error, token counts."
@@ -337,7 +341,7 @@ class OpenAIChat:
         if usage: reply.prompt_tokens, reply.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         return reply
 
-# %% ../nbs/09_agents.ipynb #492db7f6
+# %% ../nbs/09_agents.ipynb #90340439
 @dataclass
 class Step:
     "One event of an agent run: a model turn, a tool call, a plan or a recovery note."
@@ -389,7 +393,7 @@ def call_tool(box: dict[str, Tool], name: str, arguments) -> str:
     if name not in box: return f"error: no tool named {name!r}; the tools are: {', '.join(box)}"
     return box[name].run(arguments)
 
-# %% ../nbs/09_agents.ipynb #76409ec4
+# %% ../nbs/09_agents.ipynb #e3154854
 MALFORMED_HINT = ('Your tool call could not be read ({error}). Call a tool as <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>, '
                   "or write the final answer without a tool call.")
 
@@ -429,7 +433,7 @@ def react(model, tools: list[Tool], question: str, system: str | None = None, ma
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #8ffd821d
+# %% ../nbs/09_agents.ipynb #b67f3a40
 REWOO_PLANNER = """Make a plan to answer the question with the tools. Write one line per step:
 Plan: <why this step>
 #E<n> = <tool>[<JSON arguments>]
@@ -510,7 +514,7 @@ def rewoo(model, tools: list[Tool], question: str, max_plans: int = 2) -> Trace:
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #e9131230
+# %% ../nbs/09_agents.ipynb #1ab993c8
 def held_out_arithmetic(n_train: int, n_test: int, seed: int = 0) -> list[dict]:
     "Chapter 5's held-out tool-use conversations: the same recipe as `make_sft_sets` (test questions never in train)."
     from course_lib.sft import tool_use_set
@@ -539,7 +543,7 @@ def agent_success(make_model: Callable[[], Any], cases: list[dict], max_steps: i
     n = max(1, len(cases))
     return {"n": len(cases), "success": wins / n, "model_calls": calls / n, "tokens": tokens / n, "stops": dict(stops)}
 
-# %% ../nbs/09_agents.ipynb #84f33004
+# %% ../nbs/09_agents.ipynb #76c26770
 from .core import RunContext, stage
 
 @stage("agents", order=90)
