@@ -9,7 +9,7 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'type_schema', 'fu
            'Step', 'Trace', 'call_tool', 'react', 'parse_plan', 'rewoo', 'held_out_arithmetic', 'tool_use_success',
            'calculator_policy', 'agent_success', 'agents_stage']
 
-# %% ../nbs/09_agents.ipynb #05ea705b
+# %% ../nbs/09_agents.ipynb #9edce99c
 """Agents: tools described from Python functions, chat back ends behind one interface, ReAct and ReWOO loops with traces.
 
 - A tool is a Python function; its name, docstring, type hints and docments comments become the OpenAI function-calling JSON schema, so the schema can never drift from the code.
@@ -23,7 +23,7 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'type_schema', 'fu
 - The search tool is a BM25 index of its own (Lucene's idf, k1=1.5, b=0.75) over paragraphs of the embedded course corpus.
 """
 
-# %% ../nbs/09_agents.ipynb #c0f10d0d
+# %% ../nbs/09_agents.ipynb #e4a9dee5
 import inspect
 import json
 import math
@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session
 from .sft import ToolCallError, calculate, parse_tool_calls
 
-# %% ../nbs/09_agents.ipynb #fd2a8cb4
+# %% ../nbs/09_agents.ipynb #f6a56e9a
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
 
 def type_schema(tp) -> dict:
@@ -78,7 +78,7 @@ def function_schema(fn: Callable, name: str | None = None) -> dict:
     return {"name": name or fn.__name__, "description": doc.split("\n\n")[0].strip(),
             "parameters": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 
-# %% ../nbs/09_agents.ipynb #4ea4d67b
+# %% ../nbs/09_agents.ipynb #21e7d90b
 class ToolArgumentError(ValueError):
     "Arguments that do not match a tool's schema."
 
@@ -102,7 +102,7 @@ def validate_arguments(arguments, parameters: dict) -> dict:
     for k, v in arguments.items(): _check(v, props[k], f"argument {k!r}")
     return arguments
 
-# %% ../nbs/09_agents.ipynb #5b04be91
+# %% ../nbs/09_agents.ipynb #6a7e12b1
 @dataclass
 class Tool:
     "A function a model may call, with its schema; `run` never raises."
@@ -144,14 +144,14 @@ def tool(fn: Callable | None = None, *, name: str | None = None, timeout_s: floa
         return Tool(f, s["name"], s["description"], s["parameters"], timeout_s)
     return make(fn) if fn is not None else make
 
-# %% ../nbs/09_agents.ipynb #67b1e694
+# %% ../nbs/09_agents.ipynb #80661fc7
 @tool(name="calculator")
 def calculator(expression: str, # numbers, + - * / and parentheses, e.g. "(3 + 4) * 12"
               ) -> str:
     "Evaluate an arithmetic expression exactly (chapter 5's safe evaluator, never eval)."
     return calculate(expression)
 
-# %% ../nbs/09_agents.ipynb #64fa46bd
+# %% ../nbs/09_agents.ipynb #9ad6aadf
 class PythonInterpreter:
     "A code-interpreter tool: Python run in one sandboxed `Session`, so variables persist across calls."
     def __init__(self, limits: SandboxLimits = SandboxLimits(cpu_s=60, wall_s=10, memory_mb=1024, output_bytes=20_000, file_mb=16),
@@ -165,7 +165,7 @@ class PythonInterpreter:
                           "required": ["code"], "additionalProperties": False}, timeout_s=None)
 
     def run(self, code: str) -> str:
-        "Run `code`; its output (cut to max_chars), then 'error: ...' if it failed; a killed sandbox restarts on the next call."
+        "Run `code`; its output (cut to max_chars), then 'error: ...' if it failed; a killed or exhausted sandbox restarts on the next call."
         if self.session is None or self.session.dead:
             self.session = Session(self.limits, hidden=self.hidden)
             self.session.run(f"import resource as _r; _r.setrlimit(_r.RLIMIT_NPROC, ({self.max_processes}, {self.max_processes})); del _r")
@@ -175,7 +175,9 @@ class PythonInterpreter:
             return f"error: {e} (the interpreter restarts empty on the next call)"
         out = r["output"]
         if len(out) > self.max_chars: out = out[:self.max_chars] + f"\n... ({len(out) - self.max_chars} more characters cut)"
-        if r["dropped"]: out += f"\n... ({r['dropped']} characters over the sandbox's output limit dropped)"
+        if r["dropped"]:   # the sandbox's output limit is for the whole session: once reached, nothing more would print
+            out += f"\n... ({r['dropped']} characters over the output limit dropped; the interpreter restarts empty on the next call)"
+            self.session.close()
         return (out + (f"\nerror: {r['error']}" if r["error"] else "")).strip() or "(no output)"
 
     def close(self):
@@ -185,7 +187,7 @@ class PythonInterpreter:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/09_agents.ipynb #b52a5648
+# %% ../nbs/09_agents.ipynb #84a2f7e4
 def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
     "A `read_file` tool that reads text files under `root` only (symbolic links and .. resolved first)."
     root = Path(root).resolve()
@@ -199,7 +201,7 @@ def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
         return text[:max_chars] + (f"\n... ({len(text) - max_chars} more characters)" if len(text) > max_chars else "")
     return tool(read_file)
 
-# %% ../nbs/09_agents.ipynb #dbfded2b
+# %% ../nbs/09_agents.ipynb #ab7e1680
 def _terms(text: str) -> list[str]: return re.findall(r"\w+", text.lower())
 
 class BM25:
@@ -241,7 +243,7 @@ def corpus_index(max_bytes: int = 400_000) -> BM25:
     from course_lib.sft import passages
     return BM25(list(passages(embedded_corpus("prose", max_bytes=max_bytes))))
 
-# %% ../nbs/09_agents.ipynb #ecc85d4c
+# %% ../nbs/09_agents.ipynb #46346ba1
 @dataclass
 class Reply:
     "One model turn: its text, the tool calls it made ({'id', 'name', 'arguments'}), a parse error, token counts."
@@ -341,7 +343,7 @@ class OpenAIChat:
         if usage: reply.prompt_tokens, reply.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         return reply
 
-# %% ../nbs/09_agents.ipynb #90340439
+# %% ../nbs/09_agents.ipynb #d5ba1459
 @dataclass
 class Step:
     "One event of an agent run: a model turn, a tool call, a plan or a recovery note."
@@ -362,7 +364,7 @@ class Trace:
     seconds: float = 0.0
 
     @property
-    def model_calls(self) -> int: return sum(s.kind == "model" for s in self.steps)
+    def model_calls(self) -> int: return sum(s.kind in ("model", "plan") for s in self.steps)
     @property
     def tool_calls(self) -> list[dict]: return [s.call for s in self.steps if s.kind == "tool"]
     @property
@@ -393,7 +395,7 @@ def call_tool(box: dict[str, Tool], name: str, arguments) -> str:
     if name not in box: return f"error: no tool named {name!r}; the tools are: {', '.join(box)}"
     return box[name].run(arguments)
 
-# %% ../nbs/09_agents.ipynb #e3154854
+# %% ../nbs/09_agents.ipynb #20221f80
 MALFORMED_HINT = ('Your tool call could not be read ({error}). Call a tool as <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>, '
                   "or write the final answer without a tool call.")
 
@@ -433,7 +435,7 @@ def react(model, tools: list[Tool], question: str, system: str | None = None, ma
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #b67f3a40
+# %% ../nbs/09_agents.ipynb #70f0eb0e
 REWOO_PLANNER = """Make a plan to answer the question with the tools. Write one line per step:
 Plan: <why this step>
 #E<n> = <tool>[<JSON arguments>]
@@ -514,7 +516,7 @@ def rewoo(model, tools: list[Tool], question: str, max_plans: int = 2) -> Trace:
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #1ab993c8
+# %% ../nbs/09_agents.ipynb #33398e8a
 def held_out_arithmetic(n_train: int, n_test: int, seed: int = 0) -> list[dict]:
     "Chapter 5's held-out tool-use conversations: the same recipe as `make_sft_sets` (test questions never in train)."
     from course_lib.sft import tool_use_set
@@ -543,7 +545,7 @@ def agent_success(make_model: Callable[[], Any], cases: list[dict], max_steps: i
     n = max(1, len(cases))
     return {"n": len(cases), "success": wins / n, "model_calls": calls / n, "tokens": tokens / n, "stops": dict(stops)}
 
-# %% ../nbs/09_agents.ipynb #76c26770
+# %% ../nbs/09_agents.ipynb #d9b8c579
 from .core import RunContext, stage
 
 @stage("agents", order=90)

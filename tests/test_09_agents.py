@@ -161,7 +161,7 @@ def test_rewoo_trace_placeholders_and_bad_plans():
     assert t.lines() == ["plan: no plan at all", "error: malformed plan: the plan has no step (#E1 = tool[{...}])", "plan: " + plan,
                          'tool calculator({"expression": "2 * 3"}) -> 6', 'tool calculator({"expression": "6 * 6"}) -> 36',
                          "model: 36", "stop: answer"]
-    assert t.model_calls == 1 and sum(s.kind == "plan" for s in t.steps) == 2
+    assert t.model_calls == 3 and sum(s.kind == "plan" for s in t.steps) == 2
     fwd = rewoo(ScriptedModel(['#E1 = calculator[{"expression": "#E2"}]', "?"]), [calculator], "q")
     assert fwd.tool_calls[0]["arguments"] == {"expression": "#E2"} and fwd.steps[1].text == "error: #E1 uses #E2, which is not computed before it"
     failed = rewoo(ScriptedModel(["#E1 = calculator(1)"], repeat_last=True), [calculator], "q", max_plans=3)
