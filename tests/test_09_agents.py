@@ -285,3 +285,21 @@ def test_hostile_code_is_contained(name, tmp_path, listener):
     for pid in _host_processes_with(MARK): os.kill(pid, 9)
     if missing: pytest.xfail(f"this machine cannot guarantee {missing}")   # documented in Isolation.missing
     assert not escaped, (name, obs[:300])
+
+
+def test_agents_stage_reports_the_reference_and_each_model(tmp_path, tiny):
+    from course_lib.core import RunContext, load_settings
+    from course_lib.agents import agents_stage
+    from course_lib.model import export_hf
+    from course_lib.tokenizer import save_hf
+    model, tok = tiny
+    ctx = RunContext(tmp_path / "run", load_settings("ci"))
+    folder = ctx.run_dir / "finetune" / "merged"
+    export_hf(model, folder); save_hf(tok, folder)
+    report = agents_stage(ctx)
+    rows = json.loads((ctx.run_dir / "agents" / "tool_use.json").read_text())
+    assert set(rows) == {"scripted (reference)", "fine-tuned (finetune/merged)"}   # no pretrain/model in this run
+    assert rows["scripted (reference)"]["success"] == 1.0 and rows["scripted (reference)"]["n"] == 3
+    tuned = rows["fine-tuned (finetune/merged)"]
+    assert tuned["n"] == 3 and 0 <= tuned["success"] <= 1 and 1 <= tuned["model_calls"] <= 3
+    assert "| scripted (reference) | 100% |" in report and ctx.summary["agents"] == rows
