@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from course_lib.agents import (BM25, CourseModel, OpenAIChat, PythonInterpreter, ScriptedModel, ToolArgumentError, agent_success,
-                               calculator, calculator_policy, file_reader, function_schema, held_out_arithmetic, parse_plan, react,
+                               calculator, calculator_policy, file_reader, function_schema, held_out_arithmetic, mind_search, parse_graph, parse_plan, react,
                                rewoo, tool, tool_use_success, validate_arguments)
 from course_lib.sandbox import SandboxLimits, isolation
 
@@ -303,3 +303,33 @@ def test_agents_stage_reports_the_reference_and_each_model(tmp_path, tiny):
     tuned = rows["fine-tuned (finetune/merged)"]
     assert tuned["n"] == 3 and 0 <= tuned["success"] <= 1 and 1 <= tuned["model_calls"] <= 3
     assert "| scripted (reference) | 100% |" in report and ctx.summary["agents"] == rows
+
+
+def test_mind_search_runs_independent_nodes_concurrently():
+    barrier = threading.Barrier(2, timeout=10)   # passes only if both independent searchers are inside the tool at once
+    @tool(timeout_s=20)
+    def meet(who: str) -> str:
+        "Wait for the other searcher."
+        barrier.wait(); return f"{who} met"
+    plan = "Q1 []: first\nQ2 []: second\nQ3 [Q2, Q1]: both"
+    script = {"Q1": [call("meet", who="a"), "A"], "Q2": [call("meet", who="b"), "B"], "Q3": ["A and B"]}
+    events = []
+    t, nodes = mind_search(ScriptedModel([plan, "done [Q1][Q2][Q3]"]), lambda n: ScriptedModel(script[n]), [meet], "q",
+                           on_event=lambda e, n, x: events.append((e, n)))
+    assert [nodes[n].answer for n in ("Q1", "Q2", "Q3")] == ["A", "B", "A and B"]
+    assert nodes["Q1"].steps[1].text == "a met" and nodes["Q2"].steps[1].text == "b met"
+    assert sorted(events[:2]) == [("start", "Q1"), ("start", "Q2")] and events[-2:] == [("start", "Q3"), ("done", "Q3")]
+    assert nodes["Q3"].question == "Known:\nQ2 (second): B\nQ1 (first): A\n\nboth"
+    assert t.answer == "done [Q1][Q2][Q3]" and "[Q3] both -> A and B" in t.steps[-1].prompt[0]["content"]
+
+
+def test_mind_search_bad_graphs_and_a_broken_searcher():
+    for text, words in [("no lines", "no sub-question"), ("Q1 [Q9]: x", "unknown Q9"), ("Q1 [Q2]: x\nQ2 [Q1]: y", "cycle")]:
+        with pytest.raises(ValueError, match=words): parse_graph(text)
+        t, nodes = mind_search(ScriptedModel([text]), lambda n: None, [calculator], "q")
+        assert t.stop == "plan_failed" and nodes == {} and words.split()[-1] in t.answer
+    def broken(node):
+        if node == "Q1": raise RuntimeError("searcher down")
+        return ScriptedModel(["fine"])
+    t, nodes = mind_search(ScriptedModel(["Q1 []: a\nQ2 [Q1]: b", "merged"]), broken, [calculator], "q")
+    assert nodes["Q1"].answer == "error: RuntimeError: searcher down" and nodes["Q2"].answer == "fine" and t.answer == "merged"
