@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from course_lib.agents import (BM25, CourseModel, OpenAIChat, PythonInterpreter, ScriptedModel, ToolArgumentError, agent_success,
-                               calculator, calculator_policy, file_reader, function_schema, held_out_arithmetic, mind_search, parse_graph, parse_plan, react,
+                               calculator, calculator_policy, file_reader, function_schema, held_out_arithmetic, mcp_server, mcp_tools, mind_search, parse_graph, parse_plan, react,
                                rewoo, tool, tool_use_success, validate_arguments)
 from course_lib.sandbox import SandboxLimits, isolation
 
@@ -333,3 +333,13 @@ def test_mind_search_bad_graphs_and_a_broken_searcher():
         return ScriptedModel(["fine"])
     t, nodes = mind_search(ScriptedModel(["Q1 []: a\nQ2 [Q1]: b", "merged"]), broken, [calculator], "q")
     assert nodes["Q1"].answer == "error: RuntimeError: searcher down" and nodes["Q2"].answer == "fine" and t.answer == "merged"
+
+
+def test_mcp_client_lists_and_calls_the_course_tools(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    local = [calculator, file_reader(tmp_path)]
+    remote = mcp_tools(mcp_server(local))
+    assert [t.schema() for t in remote] == [t.schema() for t in local]
+    assert remote[0].run({"expression": "(2 + 3) * 4"}) == "20" and remote[1].run({"path": "a.txt"}) == "hello"
+    assert remote[1].run({"path": "../x"}).startswith("error: read_file raised PermissionError")
+    assert remote[0].run({"expression": "1", "x": 2}) == "error: calculator: unknown argument(s): x; expected expression"   # checked client-side
