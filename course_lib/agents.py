@@ -10,7 +10,7 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'MIND_PLANNER', 'M
            'mcp_server', 'mcp_tools', 'held_out_arithmetic', 'tool_use_success', 'calculator_policy', 'agent_success',
            'agents_stage']
 
-# %% ../nbs/09_agents.ipynb #6ee93f76
+# %% ../nbs/09_agents.ipynb #ce387bc0
 """Agents: tools described from Python functions, chat back ends behind one interface, ReAct and ReWOO loops with traces.
 
 - A tool is a Python function; its name, docstring, type hints and docments comments become the OpenAI function-calling JSON schema, so the schema can never drift from the code.
@@ -20,11 +20,11 @@ __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'MIND_PLANNER', 'M
 - Messages are kept in the OpenAI shape (assistant `tool_calls`, `tool` replies with `tool_call_id`) whatever the back end; a text back end renders them with chapter 7's `chat_prompt`, which writes calls in chapter 5's `<tool_call>` format, and parses replies with chapter 5's `parse_tool_calls`.
 - Token counts are the back end's own (the course tokenizer, the endpoint's usage); the scripted back end counts whitespace-separated words.
 - Every loop is bounded: a step limit, a limit on malformed actions in a row, a wall-clock limit; each ends with a final message that says why it stopped.
-- ReWOO's plan is lines `#E1 = tool[{json arguments}]`; a later step may use `#Ek` inside its argument strings, and only evidence already computed may be referenced.
+- ReWOO's plan is lines `#E1 = tool[{json arguments}]`; a later step may use `#Ek` inside its argument strings, and only evidence already computed may be referenced; a filled-in string where the schema wants a number becomes that number.
 - The search tool is a BM25 index of its own (Lucene's idf, k1=1.5, b=0.75) over paragraphs of the embedded course corpus.
 """
 
-# %% ../nbs/09_agents.ipynb #6799345e
+# %% ../nbs/09_agents.ipynb #3454d232
 import inspect
 import json
 import math
@@ -40,7 +40,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 from .sandbox import SandboxDied, SandboxLimits, SandboxTimeout, Session
 from .sft import ToolCallError, calculate, parse_tool_calls
 
-# %% ../nbs/09_agents.ipynb #0913ba9f
+# %% ../nbs/09_agents.ipynb #51e660b6
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
 
 def type_schema(tp) -> dict:
@@ -79,7 +79,7 @@ def function_schema(fn: Callable, name: str | None = None) -> dict:
     return {"name": name or fn.__name__, "description": doc.split("\n\n")[0].strip(),
             "parameters": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 
-# %% ../nbs/09_agents.ipynb #7a684aa6
+# %% ../nbs/09_agents.ipynb #23ede661
 class ToolArgumentError(ValueError):
     "Arguments that do not match a tool's schema."
 
@@ -103,7 +103,7 @@ def validate_arguments(arguments, parameters: dict) -> dict:
     for k, v in arguments.items(): _check(v, props[k], f"argument {k!r}")
     return arguments
 
-# %% ../nbs/09_agents.ipynb #10ff30b1
+# %% ../nbs/09_agents.ipynb #b6be7395
 @dataclass
 class Tool:
     "A function a model may call, with its schema; `run` never raises."
@@ -145,14 +145,14 @@ def tool(fn: Callable | None = None, *, name: str | None = None, timeout_s: floa
         return Tool(f, s["name"], s["description"], s["parameters"], timeout_s)
     return make(fn) if fn is not None else make
 
-# %% ../nbs/09_agents.ipynb #70e7d360
+# %% ../nbs/09_agents.ipynb #19543053
 @tool(name="calculator")
 def calculator(expression: str, # numbers, + - * / and parentheses, e.g. "(3 + 4) * 12"
               ) -> str:
     "Evaluate an arithmetic expression exactly (chapter 5's safe evaluator, never eval)."
     return calculate(expression)
 
-# %% ../nbs/09_agents.ipynb #ebdebe20
+# %% ../nbs/09_agents.ipynb #46bdd742
 class PythonInterpreter:
     "A code-interpreter tool: Python run in one sandboxed `Session`, so variables persist across calls."
     def __init__(self, limits: SandboxLimits = SandboxLimits(cpu_s=60, wall_s=10, memory_mb=1024, output_bytes=20_000, file_mb=16),
@@ -188,7 +188,7 @@ class PythonInterpreter:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/09_agents.ipynb #3114e17c
+# %% ../nbs/09_agents.ipynb #aca1e5b9
 def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
     "A `read_file` tool that reads text files under `root` only (symbolic links and .. resolved first)."
     root = Path(root).resolve()
@@ -202,7 +202,7 @@ def file_reader(root: str | Path, max_chars: int = 8000) -> Tool:
         return text[:max_chars] + (f"\n... ({len(text) - max_chars} more characters)" if len(text) > max_chars else "")
     return tool(read_file)
 
-# %% ../nbs/09_agents.ipynb #56748841
+# %% ../nbs/09_agents.ipynb #b28d152c
 def _terms(text: str) -> list[str]: return re.findall(r"\w+", text.lower())
 
 class BM25:
@@ -244,7 +244,7 @@ def corpus_index(max_bytes: int = 400_000) -> BM25:
     from course_lib.sft import passages
     return BM25(list(passages(embedded_corpus("prose", max_bytes=max_bytes))))
 
-# %% ../nbs/09_agents.ipynb #fb3259ae
+# %% ../nbs/09_agents.ipynb #4857655b
 @dataclass
 class Reply:
     "One model turn: its text, the tool calls it made ({'id', 'name', 'arguments'}), a parse error, token counts."
@@ -344,7 +344,7 @@ class OpenAIChat:
         if usage: reply.prompt_tokens, reply.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         return reply
 
-# %% ../nbs/09_agents.ipynb #1de9d09f
+# %% ../nbs/09_agents.ipynb #9e9e74c9
 @dataclass
 class Step:
     "One event of an agent run: a model turn, a tool call, a plan or a recovery note."
@@ -396,7 +396,7 @@ def call_tool(box: dict[str, Tool], name: str, arguments) -> str:
     if name not in box: return f"error: no tool named {name!r}; the tools are: {', '.join(box)}"
     return box[name].run(arguments)
 
-# %% ../nbs/09_agents.ipynb #785e7845
+# %% ../nbs/09_agents.ipynb #950f89df
 MALFORMED_HINT = ('Your tool call could not be read ({error}). Call a tool as <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>, '
                   "or write the final answer without a tool call.")
 
@@ -436,7 +436,7 @@ def react(model, tools: list[Tool], question: str, system: str | None = None, ma
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #32f7b7c3
+# %% ../nbs/09_agents.ipynb #e715eddd
 REWOO_PLANNER = """Make a plan to answer the question with the tools. Write one line per step:
 Plan: <why this step>
 #E<n> = <tool>[<JSON arguments>]
@@ -478,6 +478,17 @@ def _substitute(value, evidence: dict[str, str]):
     if isinstance(value, list): return [_substitute(v, evidence) for v in value]
     return value
 
+def _numbers(arguments: dict, parameters: dict) -> dict:
+    "A filled-in string where the schema wants a number becomes that number ('#E1' -> '15.5' -> 15.5), if it is one."
+    out = dict(arguments)
+    for k, v in arguments.items():
+        kind = parameters.get("properties", {}).get(k, {}).get("type")
+        if kind in ("number", "integer") and isinstance(v, str):
+            try: n = float(v.strip())
+            except ValueError: continue
+            out[k] = int(n) if kind == "integer" and n.is_integer() else n
+    return out
+
 def rewoo(model, tools: list[Tool], question: str, max_plans: int = 2) -> Trace:
     "Plan every tool call up front (#E placeholders), run the workers, then let a solver answer from the evidence."
     box = _toolbox(tools)
@@ -502,7 +513,10 @@ def rewoo(model, tools: list[Tool], question: str, max_plans: int = 2) -> Trace:
     evidence = {}
     for name, tool_name, args, _ in plan:
         t0 = time.perf_counter()
-        try: filled = _substitute(args, evidence); obs = call_tool(box, tool_name, filled)
+        try:
+            filled = _substitute(args, evidence)
+            if tool_name in box: filled = _numbers(filled, box[tool_name].parameters)
+            obs = call_tool(box, tool_name, filled)
         except KeyError as e: filled, obs = args, f"error: {name} uses {e.args[0]}, which is not computed before it"
         evidence[name] = obs
         trace.steps.append(Step("tool", obs, call={"name": tool_name, "arguments": filled}, seconds=time.perf_counter() - t0))
@@ -517,7 +531,7 @@ def rewoo(model, tools: list[Tool], question: str, max_plans: int = 2) -> Trace:
     trace.seconds = time.perf_counter() - start
     return trace
 
-# %% ../nbs/09_agents.ipynb #12bbcc6e
+# %% ../nbs/09_agents.ipynb #14820ebf
 MIND_PLANNER = """Split the question into sub-questions a search can answer. One line each:
 Q<n> [Q<k>, ...]: <sub-question>
 List in brackets the sub-questions whose answers it needs ([] when none).
@@ -586,7 +600,7 @@ def mind_search(planner, make_searcher: Callable[[str], Any], tools: list[Tool],
     trace.stop, trace.answer, trace.seconds = "answer", reply.content, time.perf_counter() - start
     return trace, results
 
-# %% ../nbs/09_agents.ipynb #de6fdb6f
+# %% ../nbs/09_agents.ipynb #adfeedd5
 def mcp_server(tools: list[Tool], name: str = "llm-camp"):
     "An MCP server (the `mcp` SDK's low-level Server) offering `tools`; serve it over stdio, or give it to `mcp.Client` in-process."
     import anyio
@@ -626,7 +640,7 @@ def mcp_tools(server, timeout_s: float = 30.0) -> list[Tool]:
         return run
     return [Tool(remote(t.name), t.name, t.description or "", dict(t.input_schema), timeout_s) for t in _run_async(listing)]
 
-# %% ../nbs/09_agents.ipynb #b4ab0592
+# %% ../nbs/09_agents.ipynb #01dcb3a0
 def held_out_arithmetic(n_train: int, n_test: int, seed: int = 0) -> list[dict]:
     "Chapter 5's held-out tool-use conversations: the same recipe as `make_sft_sets` (test questions never in train)."
     from course_lib.sft import tool_use_set
@@ -655,7 +669,7 @@ def agent_success(make_model: Callable[[], Any], cases: list[dict], max_steps: i
     n = max(1, len(cases))
     return {"n": len(cases), "success": wins / n, "model_calls": calls / n, "tokens": tokens / n, "stops": dict(stops)}
 
-# %% ../nbs/09_agents.ipynb #98331b25
+# %% ../nbs/09_agents.ipynb #c20a9dd8
 from .core import RunContext, stage
 
 @stage("agents", order=90)

@@ -167,6 +167,14 @@ def test_rewoo_trace_placeholders_and_bad_plans():
     failed = rewoo(ScriptedModel(["#E1 = calculator(1)"], repeat_last=True), [calculator], "q", max_plans=3)
     assert failed.stop == "plan_failed" and sum(s.kind == "plan" for s in failed.steps) == 3
     with pytest.raises(ValueError, match="not JSON"): parse_plan("#E1 = calculator[{oops}]")
+    @tool
+    def half(x: float, n: int = 1) -> float:
+        "Halve x, n times."
+        return x / 2**n
+    num = rewoo(ScriptedModel(['#E1 = calculator[{"expression": "7 * 2"}]\n#E2 = half[{"x": "#E1", "n": "#E1"}]\n#E3 = half[{"x": "#E1 kg"}]', "ok"]),
+                [calculator, half], "q")
+    assert num.tool_calls[1]["arguments"] == {"x": 14.0, "n": 14} and num.steps[2].text == str(14 / 2**14)
+    assert num.steps[3].text == "error: half: argument 'x' must be a number, got str '14 kg'"
 
 
 def test_scripted_model_that_runs_out_says_so():
