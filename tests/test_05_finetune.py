@@ -136,7 +136,7 @@ def test_stage(base, tmp_path):
     report = finetune_stage(ctx)
     assert "| task | metric | before | after |" in report and (base.parent.parent / "finetune" / "merged" / "config.json").is_file()
     empty = RunContext(tmp_path / "empty", load_settings("ci"))
-    assert "Skipped" in finetune_stage(empty)
+    assert "Skipped" in finetune_stage(empty) and (tmp_path / "empty" / "finetune").is_dir()
 
 
 def test_preference_pairs_differ():
