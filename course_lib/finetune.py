@@ -8,7 +8,7 @@ __all__ = ['METHODS', 'STAGE_SCALE', 'load_tokenizer_for', 'generate_replies', '
            'export_finetuned', 'FinetuneConfig', 'load_finetune_config', 'run_finetune', 'main', 'finetune_stage',
            'chat_turns', 'chat_demo']
 
-# %% ../nbs/05_finetune.ipynb #cc041907
+# %% ../nbs/05_finetune.ipynb #a3bc768e
 import dataclasses
 import json
 import runpy
@@ -30,7 +30,7 @@ from .sft import (IGNORE, TASKS, SFTExample, ToolCallError, calculate, encode_al
                             parse_tool_calls, read_conversations, segment_attention)
 from .tokenizer import CHAT_SPECIALS, Tokenizer, from_hf_json, render_chat
 
-# %% ../nbs/05_finetune.ipynb #17885b57
+# %% ../nbs/05_finetune.ipynb #cb32774b
 def load_tokenizer_for(folder: str | Path) -> Tokenizer:
     "The course Tokenizer from a model folder's tokenizer.json; it must have the chat special tokens."
     path = Path(folder) / "tokenizer.json" if Path(folder).is_dir() else Path(folder)
@@ -92,7 +92,7 @@ def evaluate_tasks(model: nn.Module, tok: Tokenizer, test: dict[str, list[dict]]
         out[task] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]} if scores else {}
     return out
 
-# %% ../nbs/05_finetune.ipynb #4dabd480
+# %% ../nbs/05_finetune.ipynb #ed4c8da1
 METHODS = ("full", "lora", "qlora")
 
 def prepare_model(model: Decoder, method: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -147,7 +147,7 @@ def sft_train(model: Decoder, examples: list[SFTExample], steps: int, batch_size
     if log: log.close()
     return losses
 
-# %% ../nbs/05_finetune.ipynb #b1a5e95a
+# %% ../nbs/05_finetune.ipynb #a0e6599e
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     "Mean DPO loss and the per-pair reward margins beta * [(pc - rc) - (pr - rr)], from summed log-probabilities (b,)."
@@ -201,7 +201,7 @@ def dpo_train(model: Decoder, tok: Tokenizer, pairs: list[tuple[list[dict], list
         history.append({"step": step + 1, "loss": loss.item(), "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()})
     return history
 
-# %% ../nbs/05_finetune.ipynb #00c3ff40
+# %% ../nbs/05_finetune.ipynb #6cab2e61
 def export_finetuned(model: Decoder, out: str | Path, tokenizer_dir: str | Path | None = None, eos_id: int | None = None,
                      base_name: str | None = None) -> dict[str, Path]:
     "Write out/adapter (peft layout, when the model has adapters) and out/merged (transformers layout); the model is merged in place."
@@ -212,7 +212,7 @@ def export_finetuned(model: Decoder, out: str | Path, tokenizer_dir: str | Path 
     paths["merged"] = export_hf(model, out / "merged", tokenizer=tokenizer_dir, eos_id=eos_id)
     return paths
 
-# %% ../nbs/05_finetune.ipynb #39aab72b
+# %% ../nbs/05_finetune.ipynb #c4691030
 @dataclass
 class FinetuneConfig:
     "Everything that decides a fine-tuning run (XTuner-like; see configs/finetune_*.py)."
@@ -320,7 +320,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps({k: summary[k] for k in ("method", "trainable", "steps", "seconds", "final_loss", "before", "after", "paths")}))
     return 0
 
-# %% ../nbs/05_finetune.ipynb #8b279446
+# %% ../nbs/05_finetune.ipynb #30456e57
 STAGE_SCALE = {"ci": dict(steps=6, n_train=16, n_test=3, batch_size=2, max_length=192)}   # other tiers: FinetuneConfig's defaults
 
 @stage("finetune", order=50)
@@ -341,7 +341,7 @@ def finetune_stage(ctx: RunContext) -> str:
             f"Adapter (peft layout): `finetune/adapter/`; merged model (transformers layout): `finetune/merged/`.\n\n"
             f"![loss](finetune/loss.png)\n")
 
-# %% ../nbs/05_finetune.ipynb #a030879b
+# %% ../nbs/05_finetune.ipynb #5befcd74
 def chat_turns(model: Decoder, tok: Tokenizer, question: str, max_tool_calls: int = 1) -> tuple[str, list[dict]]:
     "The assistant's reply to `question`, running calculator calls; returns (transcript text, messages)."
     messages = [{"role": "user", "content": question}]
