@@ -8,12 +8,10 @@ __all__ = ['METHODS', 'STAGE_SCALE', 'load_tokenizer_for', 'generate_replies', '
            'export_finetuned', 'FinetuneConfig', 'load_finetune_config', 'run_finetune', 'main', 'finetune_stage',
            'chat_turns', 'chat_demo']
 
-# %% ../nbs/05_finetune.ipynb #ff11afdd
-import copy
+# %% ../nbs/05_finetune.ipynb #a3bc768e
 import dataclasses
 import json
 import runpy
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import RunContext, demo, newest_artifact, set_seed, stage
-from .lora import (ALL_PROJECTIONS, adapters_disabled, dequantize_base, inject_lora, merge_lora, quantize_base,
-                             save_adapter, trainable_parameters)
+from .lora import (ALL_PROJECTIONS, adapters_disabled, dequantize_base, inject_lora, lora_layers, merge_lora,
+                             quantize_base, save_adapter, trainable_parameters)
 from .model import Decoder, export_hf, from_hf
 from .pretrain import AdamW, CosineSchedule, clip_grad_norm, param_groups, plot_log
-from .sft import (IGNORE, TASKS, SFTExample, calculate, encode_all, encode_conversation, make_sft_sets, pack,
-                            parse_tool_calls, read_conversations, segment_attention, ToolCallError)
+from .sft import (IGNORE, TASKS, SFTExample, ToolCallError, calculate, encode_all, make_sft_sets, pack,
+                            parse_tool_calls, read_conversations, segment_attention)
 from .tokenizer import CHAT_SPECIALS, Tokenizer, from_hf_json, render_chat
 
-# %% ../nbs/05_finetune.ipynb #7ea961b8
+# %% ../nbs/05_finetune.ipynb #cb32774b
 def load_tokenizer_for(folder: str | Path) -> Tokenizer:
     "The course Tokenizer from a model folder's tokenizer.json; it must have the chat special tokens."
     path = Path(folder) / "tokenizer.json" if Path(folder).is_dir() else Path(folder)
@@ -94,7 +92,7 @@ def evaluate_tasks(model: nn.Module, tok: Tokenizer, test: dict[str, list[dict]]
         out[task] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]} if scores else {}
     return out
 
-# %% ../nbs/05_finetune.ipynb #b20aff82
+# %% ../nbs/05_finetune.ipynb #ed4c8da1
 METHODS = ("full", "lora", "qlora")
 
 def prepare_model(model: Decoder, method: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -149,7 +147,7 @@ def sft_train(model: Decoder, examples: list[SFTExample], steps: int, batch_size
     if log: log.close()
     return losses
 
-# %% ../nbs/05_finetune.ipynb #e702ed5c
+# %% ../nbs/05_finetune.ipynb #a0e6599e
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     "Mean DPO loss and the per-pair reward margins beta * [(pc - rc) - (pr - rr)], from summed log-probabilities (b,)."
@@ -183,11 +181,13 @@ def preference_pairs(records: list[dict], seed: int = 0) -> list[tuple[list[dict
 def dpo_train(model: Decoder, tok: Tokenizer, pairs: list[tuple[list[dict], list[dict]]], steps: int, beta: float = 0.1,
               batch_size: int = 8, lr: float = 1e-3, max_len: int = 256, seed: int = 0) -> list[dict]:
     "DPO on a LoRA model (reference = adapters off); returns per-step loss, mean margin and accuracy."
-    chosen, _ = encode_all(tok, [c for c, _ in pairs], max_len)
-    rejected, _ = encode_all(tok, [r for _, r in pairs], max_len)
-    if len(chosen) != len(rejected): raise ValueError("some pairs lost their answer to truncation: raise max_len")
+    encoded = [(encode_all(tok, [c], max_len)[0], encode_all(tok, [r], max_len)[0]) for c, r in pairs]
+    kept = [(c[0], r[0]) for c, r in encoded if c and r]                    # pairs whose answers survive the cut
+    if not kept: raise ValueError(f"no preference pair fits in max_len={max_len} tokens")
+    chosen, rejected = [c for c, _ in kept], [r for _, r in kept]
+    if not lora_layers(model):
+        raise ValueError("DPO here trains LoRA adapters against the adapters-off model: call prepare_model(model, 'lora') first")
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params: raise ValueError("DPO here trains LoRA adapters: call prepare_model(model, 'lora') first")
     optimizer = AdamW([{"params": params, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     rng, history = np.random.default_rng(seed), []
     for step in range(steps):
@@ -201,7 +201,7 @@ def dpo_train(model: Decoder, tok: Tokenizer, pairs: list[tuple[list[dict], list
         history.append({"step": step + 1, "loss": loss.item(), "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()})
     return history
 
-# %% ../nbs/05_finetune.ipynb #7240c678
+# %% ../nbs/05_finetune.ipynb #6cab2e61
 def export_finetuned(model: Decoder, out: str | Path, tokenizer_dir: str | Path | None = None, eos_id: int | None = None,
                      base_name: str | None = None) -> dict[str, Path]:
     "Write out/adapter (peft layout, when the model has adapters) and out/merged (transformers layout); the model is merged in place."
@@ -212,7 +212,7 @@ def export_finetuned(model: Decoder, out: str | Path, tokenizer_dir: str | Path 
     paths["merged"] = export_hf(model, out / "merged", tokenizer=tokenizer_dir, eos_id=eos_id)
     return paths
 
-# %% ../nbs/05_finetune.ipynb #fe7594b5
+# %% ../nbs/05_finetune.ipynb #c4691030
 @dataclass
 class FinetuneConfig:
     "Everything that decides a fine-tuning run (XTuner-like; see configs/finetune_*.py)."
@@ -320,18 +320,18 @@ def main(argv: list[str]) -> int:
     print(json.dumps({k: summary[k] for k in ("method", "trainable", "steps", "seconds", "final_loss", "before", "after", "paths")}))
     return 0
 
-# %% ../nbs/05_finetune.ipynb #5976fef4
+# %% ../nbs/05_finetune.ipynb #30456e57
 STAGE_SCALE = {"ci": dict(steps=6, n_train=16, n_test=3, batch_size=2, max_length=192)}   # other tiers: FinetuneConfig's defaults
 
 @stage("finetune", order=50)
 def finetune_stage(ctx: RunContext) -> str:
     "LoRA SFT of pretrain/model on the three synthetic tasks; writes finetune/{adapter,merged,loss.png,eval.json}."
-    base = ctx.run_dir / "pretrain" / "model"
+    base, out = ctx.run_dir / "pretrain" / "model", ctx.stage_dir("finetune")
     if not (base / "config.json").is_file(): return "_Skipped: no `pretrain/model` (run the pretrain stage first)._\n"
     try: load_tokenizer_for(base)
     except (FileNotFoundError, ValueError) as e: return f"_Skipped: {e}._\n"
     s = ctx.settings
-    cfg = FinetuneConfig(model=str(base), output=str(ctx.stage_dir("finetune")), seed=s.seed, **STAGE_SCALE.get(s.tier, {}))
+    cfg = FinetuneConfig(model=str(base), output=str(out), seed=s.seed, **STAGE_SCALE.get(s.tier, {}))
     r = run_finetune(cfg)
     ctx.summary["finetune"] = {k: r[k] for k in ("method", "trainable", "steps", "seconds", "final_loss", "before", "after")}
     rows = "".join(f"| {t} | {m} | {r['before'][t][m]:.0%} | {r['after'][t][m]:.0%} |\n" for t in r["after"] for m in r["after"][t])
@@ -341,7 +341,7 @@ def finetune_stage(ctx: RunContext) -> str:
             f"Adapter (peft layout): `finetune/adapter/`; merged model (transformers layout): `finetune/merged/`.\n\n"
             f"![loss](finetune/loss.png)\n")
 
-# %% ../nbs/05_finetune.ipynb #a782f060
+# %% ../nbs/05_finetune.ipynb #5befcd74
 def chat_turns(model: Decoder, tok: Tokenizer, question: str, max_tool_calls: int = 1) -> tuple[str, list[dict]]:
     "The assistant's reply to `question`, running calculator calls; returns (transcript text, messages)."
     messages = [{"role": "user", "content": question}]

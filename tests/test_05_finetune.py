@@ -136,7 +136,7 @@ def test_stage(base, tmp_path):
     report = finetune_stage(ctx)
     assert "| task | metric | before | after |" in report and (base.parent.parent / "finetune" / "merged" / "config.json").is_file()
     empty = RunContext(tmp_path / "empty", load_settings("ci"))
-    assert "Skipped" in finetune_stage(empty)
+    assert "Skipped" in finetune_stage(empty) and (tmp_path / "empty" / "finetune").is_dir()
 
 
 def test_preference_pairs_differ():
@@ -145,3 +145,15 @@ def test_preference_pairs_differ():
     assert len(pairs) >= 25
     for chosen, rejected in pairs:
         assert chosen[:-1] == rejected[:-1] and chosen[-1]["content"] != rejected[-1]["content"]
+
+
+def test_dpo_train_starts_at_the_reference_and_moves(base):
+    from course_lib.finetune import dpo_train
+    tok = byte_tok()
+    model = prepare_model(from_hf(base), "lora", r=2)
+    pairs = preference_pairs(make_sft_sets(4, 1)["self_cognition"]["train"])
+    history = dpo_train(model, tok, pairs, steps=3, batch_size=2, lr=1e-2, max_len=200)
+    assert len(history) == 3 and abs(history[0]["margin"]) < 1e-6      # adapters start at zero: policy = reference
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # -log sigmoid(0)
+    assert any(abs(h["margin"]) > 1e-6 for h in history[1:])
+    with pytest.raises(ValueError, match="prepare_model"): dpo_train(from_hf(base), tok, pairs, steps=1)
