@@ -98,7 +98,7 @@ def _trained_merges(rng):
 
 
 def _reference_encode(text, merges):
-    tok = tk.Tokenizer(tk._finish_vocab(merges, []), merges, [])
+    tok = tk.Tokenizer(tk.build_vocab(merges, []), merges, [])
     return [tok.vocab[i] for i in tok.encode(text)]
 
 
