@@ -132,10 +132,11 @@ def segment_attention(segments: torch.Tensor | None):
     """Within this block the decoder's attention is also masked to `segments` (b, t); None: unchanged.
     (Chapter 3's attention takes no mask argument, so its fused-attention function is swapped for the block.)"""
     if segments is None: yield; return
-    mask = segment_mask(segments)
+    seg_mask = segment_mask(segments)
     original = model_lib.sdpa_attention
-    def masked(q, k, v, causal=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])  # (b, h, t, hd)
+    def masked(q, k, v, causal=True, mask=None):
+        both = seg_mask if mask is None else seg_mask & mask   # a padding mask from the caller narrows it further
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=both, enable_gqa=q.shape[1] != k.shape[1])  # (b, h, t, hd)
     model_lib.sdpa_attention = masked
     try: yield
     finally: model_lib.sdpa_attention = original

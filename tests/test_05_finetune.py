@@ -13,7 +13,7 @@ from course_lib.model import Decoder, ModelConfig, export_hf, from_hf
 from course_lib.sft import IGNORE, encode_all, make_sft_sets, pack
 from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat, save_hf
 
-transformers = pytest.importorskip("transformers")
+import transformers  # required: the [hf] extra
 
 
 def byte_tok() -> Tokenizer:

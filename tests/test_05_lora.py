@@ -10,8 +10,8 @@ from course_lib.lora import (LoRALinear, dequantize_base, inject_lora, load_adap
 from course_lib.model import Decoder, ModelConfig, export_hf, from_hf
 from course_lib.quant import Linear4bit
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # required: the [hf] extra
+import transformers  # required: the [hf] extra
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
