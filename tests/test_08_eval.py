@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 def test_loglikelihoods_equal_lm_eval(tiny, tmp_path, monkeypatch):
     "lm-eval's hf back end, offline, on the exported model and a task YAML over our JSONL: every choice within 1e-4."
     monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval  # required: the [dev] extra
     from lm_eval.tasks import TaskManager
     (tmp_path / "camp_cloze.yaml").write_text(
         "task: camp_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
