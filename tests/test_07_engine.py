@@ -37,6 +37,10 @@ def test_greedy_equal_under_random_arrivals(trace, block_size, num_blocks, budge
     engine = LLMEngine(MODEL, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_seqs,
                        max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching)
     pending = sorted(((t, prefixes[p] + body, n) for t, p, body, n in trace), key=lambda r: r[0])
+    for _, prompt, n in pending:                  # a request larger than the whole pool can never be served:
+        if -(-(len(prompt) + n) // block_size) > num_blocks:   # the engine must refuse it up front, not hang
+            with pytest.raises(ValueError, match="KV blocks"): engine.add_request(prompt, SamplingParams(max_tokens=n))
+    pending = [r for r in pending if -(-(len(r[1]) + r[2]) // block_size) <= num_blocks]
     ids, got, step = {}, {}, 0
     while pending or engine.has_unfinished():
         while pending and pending[0][0] <= step:

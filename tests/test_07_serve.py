@@ -184,7 +184,14 @@ def test_64_concurrent_streaming_clients(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
         return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), timeout=120)
-    results = asyncio.run(main())
+    box = {}
+    def client_thread():                          # a fresh thread owns its own loop, so asyncio.run works even when
+        try: box["results"] = asyncio.run(main()) # a plugin (anyio, pytest-asyncio) left a loop running in this thread
+        except BaseException as e: box["error"] = e
+    t = threading.Thread(target=client_thread, daemon=True); t.start(); t.join(180)
+    assert not t.is_alive(), "the 64 clients hung"
+    if "error" in box: raise box["error"]
+    results = box["results"]
     assert len(results) == 64 and all(r and r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
     assert server["engine"].metrics()["generated_tokens"] >= 64
     _assert_no_leak(server["engine"])
