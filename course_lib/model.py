@@ -563,7 +563,7 @@ def attention_weights(model: Decoder, idx: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         hooks += [attn.q_proj.register_forward_hook(lambda m, a, out: seen["q"].append(out)),
                   attn.k_proj.register_forward_hook(lambda m, a, out: seen["k"].append(out)),
-                  attn.register_forward_hook(lambda m, a, out: seen["rope"].append(a[1:]))]
+                  attn.register_forward_hook(lambda m, a, out: seen["rope"].append(a[1:3]))]   # (x, cos, sin, kv, mask): keep cos, sin
     try: model.eval()(idx[None])
     finally:
         for h in hooks: h.remove()
