@@ -485,10 +485,12 @@ STAGES: dict[str, Stage] = {}
 DEMOS: dict[str, Callable[..., Any]] = {}
 
 def _check_unique(registry: dict, name: str, fn, fn_of) -> None:
-    "Two chapters registering one name would silently keep only the last: refuse it (re-running a cell is fine)."
+    """Two chapters registering one name would silently keep only the last: refuse it. The same function again
+    is fine: a re-run cell, or a lesson notebook (`__main__`) defining the function its module also registers."""
     if name in registry:
         old = fn_of(registry[name])
-        if (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+        same_module = old.__module__ == fn.__module__ or "__main__" in (old.__module__, fn.__module__)
+        if not (same_module and old.__qualname__ == fn.__qualname__):
             raise ValueError(f"'{name}' is already registered by {old.__module__}.{old.__qualname__}; "
                              f"choose another name for {fn.__module__}.{fn.__qualname__}")
 

@@ -68,3 +68,18 @@ def test_a_second_registration_of_a_name_is_refused():
     finally:
         DEMOS.pop("test-dup", None)
         STAGES.pop("test-dup", None)
+
+
+def test_a_lesson_may_redefine_what_its_module_registered():
+    from course_lib.core import DEMOS, demo
+
+    def lesson_demo(): pass
+    def library_demo(): pass
+    library_demo.__module__, library_demo.__qualname__ = "course_lib.somewhere", "lesson_demo"
+    lesson_demo.__module__, lesson_demo.__qualname__ = "__main__", "lesson_demo"
+    try:
+        demo("test-lesson")(library_demo)
+        demo("test-lesson")(lesson_demo)          # the notebook's own copy of the exported function
+        assert DEMOS["test-lesson"] is lesson_demo
+    finally:
+        DEMOS.pop("test-lesson", None)
