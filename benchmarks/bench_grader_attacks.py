@@ -1,4 +1,4 @@
-"""Chapter 11 benchmark: the attacks of issue #11 on the grader, with namespaces (the default) and without
+"""The grader's benchmark: the attacks of issue #11 on the grader, with namespaces (the default) and without
 (CAMP_SANDBOX_NAMESPACES=0), and what a grade costs. An attack "succeeds" when the untouched hw00 notebook plus the
 attack cell scores above 0, or when any instructor or student file changed.
 
