@@ -12,8 +12,8 @@ FORBIDDEN = {"torch.optim": "hw04 asks you to write the optimizer step yourself"
 
 @pytest.mark.question("q1 cosine_lr", points=1)
 def test_cosine_edge_cases(student):
-    assert student.cosine_lr(0, 1.0, 4, 100) == pytest.approx(0.25)
-    assert student.cosine_lr(3, 1.0, 4, 100) == pytest.approx(1.0)
+    assert student.cosine_lr(0, 1.0, 4, 100) == pytest.approx(0.0)  # transformers' warm-up: step 0 gets 0
+    assert student.cosine_lr(3, 1.0, 4, 100) == pytest.approx(0.75)
     assert student.cosine_lr(4, 1.0, 4, 100) == pytest.approx(1.0)
     assert student.cosine_lr(52, 1.0, 4, 100) == pytest.approx(0.55)   # halfway through the decay: (1 + 0.1) / 2
     assert student.cosine_lr(100, 1.0, 4, 100) == pytest.approx(0.1)
