@@ -10,6 +10,8 @@ import nbformat
 import pytest
 
 from course_lib.grading import Limits, grade
+from course_lib import core
+from course_lib.confine import library_copies
 from course_lib.sandbox import isolation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,10 +94,32 @@ for pid in {os.getppid(), *[int(p) for p in os.listdir("/proc") if p.isdigit()]}
 try: os.kill(os.getppid(), signal.SIGKILL)
 except OSError: pass
 """
+RELOAD_REFERENCE = """
+import importlib, course_lib.core as core
+core = importlib.reload(core)
+def human_bytes(n): return core.human_bytes(n)
+def split_of(d, f=0.05): return core.split_of(d, f)
+def limit_records(r, a=None, b=None): return core.limit_records(r, a, b)
+"""
+FRESH_REFERENCE = f"""
+import importlib, importlib.util, sys
+for name in [n for n in sys.modules if n.startswith("course_lib")]: del sys.modules[name]
+ref = importlib.import_module("course_lib.core")
+for path in [*{[str(p / "core.py") for p in library_copies()] + [core.__file__]!r}, *[p + "/course_lib/core.py" for p in sys.path if p]]:
+    try:
+        spec = importlib.util.spec_from_file_location("core_copy", path)
+        copy = importlib.util.module_from_spec(spec); spec.loader.exec_module(copy)
+        copy.human_bytes(1); ref = copy; break
+    except Exception: pass
+def human_bytes(n): return ref.human_bytes(n)
+def split_of(d, f=0.05): return ref.split_of(d, f)
+def limit_records(r, a=None, b=None): return ref.limit_records(r, a, b)
+"""
 ATTACKS = {"wrap_the_reference": (WRAP, ()), "run_the_solution": (RUN_SOLUTION, ("hide",)), "read_git_history": (GIT_HISTORY, ("hide",)),
            "patch_course_lib": (PATCH_LIBRARY, ()), "forge_results": (FORGE_RESULTS, ("signals",)),
            "rewrite_grading_tests": (REWRITE_TESTS, ("write", "hide")), "open_a_socket": (OPEN_SOCKET, ("network",)),
-           "kill_the_parent": (KILL_PARENT, ("signals",))}
+           "kill_the_parent": (KILL_PARENT, ("signals",)),
+           "reload_the_reference": (RELOAD_REFERENCE, ("hide",)), "fresh_copy_of_the_reference": (FRESH_REFERENCE, ("hide",))}
 
 
 @pytest.fixture

@@ -134,3 +134,29 @@ def test_assign_moves_an_old_layout_homework(tmp_path):
     with pytest.raises(ValueError, match="not closed"):
         nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1")]), tmp_path / "bad.ipynb")
         assign(tmp_path / "bad.ipynb", out=tmp_path / "bad_student.ipynb")
+
+
+def test_a_process_killed_mid_grading_is_restarted_for_the_next_questions(tmp_path):
+    "Issue #11: a segfault in a graded function fails its own tests; a fresh process re-runs the notebook for the next ones."
+    folder = _homework_copy(tmp_path, "import ctypes\ndef split_of(doc_id, fraction=0.05): ctypes.string_at(0)", before=False)
+    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=300), out=tmp_path / "grade.json")
+    q = {q["question"][:2]: q for q in result["questions"]}
+    assert q["q1"]["points"] == q["q1"]["max_points"] and q["q3"]["points"] == q["q3"]["max_points"] > 0, result["problems"]
+    assert q["q2"]["points"] == 0 and all("killed by signal 11" in t["message"] for t in q["q2"]["tests"]), q["q2"]
+    died = [p for p in result["problems"] if "died during" in p]
+    assert len(died) == 2 and "test_split_of_edge_fractions (the sandboxed process was killed by signal 11)" in died[0], result["problems"]
+
+
+def test_a_process_that_keeps_dying_stops_after_max_restarts(tmp_path):
+    "os._exit and abort() in graded functions: after MAX_RESTARTS fresh processes the remaining tests fail, saying why."
+    from course_lib.grading import MAX_RESTARTS
+    folder = _homework_copy(tmp_path, "import os\ndef human_bytes(n): os._exit(5)\ndef split_of(doc_id, fraction=0.05): os.abort()",
+                            before=False)
+    result = grade(folder / "student.ipynb", limits=Limits(timeout_s=300), out=tmp_path / "grade.json")
+    tests = [t for q in result["questions"] for t in q["tests"]]
+    assert result["points"] == 0 and len(tests) > MAX_RESTARTS + 1
+    assert all("exited with code 5" in t["message"] for t in tests[:2]), tests
+    assert all("the sandboxed process" in t["message"] and "exited with code 5" not in t["message"] for t in tests[2:4]), tests
+    assert all(f"died {MAX_RESTARTS + 1} times" in t["message"] for t in tests[MAX_RESTARTS + 1:]), tests
+    assert sum("died during" in p for p in result["problems"]) == MAX_RESTARTS + 1
+    assert f"the notebook's process died {MAX_RESTARTS + 1} times; the remaining tests were not run" in result["problems"]
