@@ -151,3 +151,51 @@ def test_a_broken_rule_costs_the_whole_grade(tmp_path):
     assert result["max_points"] == 10 and result["points"] == 0
     assert result["rule_violations"] == ["code cell 3, line 8: uses hashlib.blake2b"], result["rule_violations"]
     assert "a rule of this homework was broken" in " ".join(result["problems"])
+
+
+# hw03/hw04: every spelling that reaches a forbidden kernel or module is refused where it runs
+SPELLINGS = {
+    "F.scaled_dot_product_attention": "F.scaled_dot_product_attention(q, q, q)",
+    "torch._C._nn": "torch._C._nn.scaled_dot_product_attention(q, q, q)",
+    "torch.ops.aten": "torch.ops.aten.scaled_dot_product_attention(q, q, q)",
+    "torch.ops.aten overload": "torch.ops.aten.scaled_dot_product_attention.default(q, q, q)",
+    "flash kernel": "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)",
+    "math kernel": "torch.ops.aten._scaled_dot_product_attention_math(q, q, q)",
+    "getattr on a built string": "getattr(F, 'scaled_' + 'dot_product_attention')(q, q, q)",
+    "torch.rms_norm": "torch.rms_norm(q, (4,))",
+    "F.rms_norm": "F.rms_norm(q, (4,))",
+    "aten rms_norm": "torch.ops.aten.rms_norm(q, [4])",
+    "fused rms_norm kernel": "torch.ops.aten._fused_rms_norm(q, [4], None, None)",
+    "_VariableFunctions": "torch._C._VariableFunctions.rms_norm(q, (4,))",
+    "nn.RMSNorm": "torch.nn.RMSNorm(4)(q)",
+    "from torch.optim import": "__import__('torch.optim', fromlist=['AdamW']).AdamW",
+    "getattr(torch, 'optim')": "getattr(torch, 'op' + 'tim').SGD",
+    "a submodule": "sys.modules['torch.optim.adamw'].AdamW",
+    "re-import after del": "(sys.modules.pop('torch.optim'), importlib.import_module('torch.optim'))",
+    "reload": "importlib.reload(sys.modules['torch.optim.sgd'])",
+    "load the file by path": "(lambda s: s.loader.exec_module(importlib.util.module_from_spec(s)))("
+                             "importlib.util.spec_from_file_location('torch.optim.adamw', os.path.dirname(torch.__file__) + '/optim/adamw.py'))",
+}
+
+
+def test_every_spelling_of_a_forbidden_function_is_refused_in_the_sandbox():
+    hw03, hw04 = grading_module("hw03_model"), grading_module("hw04_pretrain")
+    rows = "".join(f"    {name!r}: lambda: {code},\n" for name, code in SPELLINGS.items())
+    with Session() as s:
+        assert s.forbid({**hw03.FORBIDDEN, **hw04.FORBIDDEN}) == []
+        out = s.run("import importlib, importlib.util, os, sys, torch, torch.nn.functional as F\nq = torch.randn(1, 1, 3, 4)\n"
+                    f"tries = {{\n{rows}}}\nrefused = {{}}\n"
+                    "for name, f in tries.items():\n"
+                    "    try: f(); refused[name] = 'ALLOWED'\n"
+                    "    except (PermissionError, ImportError, TypeError) as e: refused[name] = type(e).__name__\n"
+                    "by_hand = ((q @ q.transpose(-1, -2)) * 0.5).softmax(-1) @ q")
+        assert out["error"] is None, out
+        refused = s.get("refused")[0]
+        assert set(refused) == set(SPELLINGS) and "ALLOWED" not in refused.values(), refused
+        assert refused["reload"] == "TypeError" and refused["re-import after del"] == "ImportError"   # the stand-in is no module
+        assert tuple(s.get("by_hand")[0].shape) == (1, 1, 3, 4)     # attention written by hand still runs
+    static = [code for name, code in SPELLINGS.items() if "getattr" not in name and "import" not in name and "sys.modules" not in code
+              and "reload" not in name and "path" not in name and name != "nn.RMSNorm"]
+    assert len(static) == 11
+    for code in static:   # the grader's scan names each plain spelling before anything runs (a module built on one, at runtime only)
+        assert rule_violations([f"import torch, torch.nn.functional as F\n{code}"], {**hw03.FORBIDDEN, **hw04.FORBIDDEN}), code

@@ -102,3 +102,78 @@ def test_a_sandbox_that_dies_says_so():
         s.run("def die():\n    import os\n    os._exit(7)")
         with pytest.raises(SandboxDied, match="exited with code 7"): s.call("die")
         with pytest.raises(SandboxDied): s.run("1")
+
+
+UNPRIVILEGED_PROBE = """
+import json, os, sys
+from course_lib.grading import Limits, grade
+from course_lib.sandbox import SandboxLimits, Session, isolation, run_code
+iso = isolation()
+attempts = run_code('''
+import os, socket
+def attempt(name, f):
+    try: f(); print(name, 'ALLOWED')
+    except Exception: print(name, 'refused')
+attempt('read', lambda: open(%(secret)r).read())
+attempt('write', lambda: open(%(outside)r, 'w').write('x'))
+attempt('net', lambda: socket.create_connection(('127.0.0.1', 22), timeout=2))
+attempt('parent', lambda: os.kill(os.getppid(), 0) if os.getppid() > 1 else (_ for _ in ()).throw(OSError()))
+''')
+with Session(SandboxLimits(wall_s=60)) as s:
+    s.run("def double(x): return 2 * x")
+    call = s.call("double", 21)
+result = grade(%(source)r, limits=Limits(timeout_s=300), out=%(out)r)
+print(json.dumps({"uid": os.geteuid(), "namespaces": iso.namespaces, "missing": list(iso.missing), "reason": iso.reason,
+                  "stdout": attempts.stdout, "stderr": attempts.stderr[-2000:], "call": call, "points": result["points"],
+                  "grade_missing": result["isolation_missing"], "problems": result["problems"]}))
+"""
+
+
+def _system_venv(folder: Path) -> str | None:
+    "A venv over a system Python of this version (readable by any user) that sees this venv's packages; None if there is none."
+    import subprocess, sys
+    system = next((p for p in (f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}",) if os.path.exists(p)), None)
+    if system is None or subprocess.run([system, "-m", "venv", "--without-pip", str(folder)], capture_output=True).returncode: return None
+    site = next(folder.glob("lib/python*/site-packages"))
+    (site / "course.pth").write_text(next(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    return str(folder / "bin" / "python")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("namespaces", ["1", "0"])
+def test_the_unprivileged_path(namespaces):
+    """Issue #11: the sandbox and the grader as a user without privileges (as root: under `setpriv` as nobody, with a venv
+    over the system Python, since this venv's interpreter lives in root's ~/.pyenv, which nobody may execute). With
+    namespaces every guarantee must hold; without them (CAMP_SANDBOX_NAMESPACES=0) the grade must say why and which
+    guarantees are gone, and still grade."""
+    import json, pwd, shutil, subprocess, sys, tempfile
+    root = os.geteuid() == 0
+    if root and not (shutil.which("setpriv") and any(p.pw_uid == 65534 for p in pwd.getpwall())):
+        pytest.skip("running as root on a machine without `setpriv` or a `nobody` user (uid 65534): no unprivileged user to become")
+    shared = Path(tempfile.mkdtemp(prefix="camp-nobody-")); shared.chmod(0o777)   # a folder the unprivileged user may write
+    try:
+        python = _system_venv(shared / "venv") if root else sys.executable
+        if python is None: pytest.skip(f"no system Python {sys.version_info.major}.{sys.version_info.minor} in /usr/bin to build a venv on")
+        subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+        code = UNPRIVILEGED_PROBE % {"secret": str(next((REPO / "instructor").rglob("*.py"))), "outside": str(shared / "escaped"),
+                                     "source": str(REPO / "instructor" / "hw00_core" / "hw00_core.ipynb"), "out": str(shared / "grade.json")}
+        command = (["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if root else []) + [python, "-c", code]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(shared), "TMPDIR": str(shared), "CAMP_SANDBOX_NAMESPACES": namespaces}
+        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=shared, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert got["uid"] != 0 and got["call"] == 42 and got["points"] == 10, got
+        if got["namespaces"]:   # this user may create namespaces and start the interpreter in them: every guarantee holds
+            assert got["missing"] == got["grade_missing"] == [] and "ALLOWED" not in got["stdout"], got
+            assert got["stdout"].split() == ["read", "refused", "write", "refused", "net", "refused", "parent", "refused"], got
+            assert not (shared / "escaped").exists()
+        else:                   # it may not: the grade says why, and which guarantees are gone
+            assert got["reason"], got
+            assert set(got["grade_missing"]) == {"network", "hide", "write", "signals", "cleanup"}, got
+            assert "stdout" in got and "write ALLOWED" in got["stdout"]   # and indeed it could write outside its folder
+        if namespaces == "0": assert got["reason"] == "CAMP_SANDBOX_NAMESPACES=0 turned them off", got
+        else:   # where this user may create a user namespace at all, the sandbox must have used it
+            user_ns = subprocess.run(command[:-3] + ["unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "true"]).returncode == 0
+            assert got["namespaces"] == user_ns, (user_ns, got)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
