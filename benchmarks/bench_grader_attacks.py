@@ -1,8 +1,9 @@
 """The grader's benchmark: the attacks of issue #11 on the grader, with namespaces (the default) and without
 (CAMP_SANDBOX_NAMESPACES=0), and what a grade costs. An attack "succeeds" when the untouched hw00 notebook plus the
-attack cell scores above 0, or when any instructor or student file changed.
+attack cell scores above 0, or when any instructor or student file changed. Then every spelling of hw03's and hw04's
+forbidden functions (tests/test_homework_rules.py) is tried in a sandbox that forbids them: one "succeeds" if it runs.
 
-    .venv/bin/python benchmarks/bench_grader_attacks.py            # both modes, every attack (about 16 grades)
+    .venv/bin/python benchmarks/bench_grader_attacks.py            # both modes, every attack (about 20 grades)
     .venv/bin/python benchmarks/bench_grader_attacks.py --modes namespaces
 
 Prints a table and ends with one line of JSON.
@@ -21,6 +22,7 @@ import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_grader_attacks as attacks  # noqa: E402  (the attacks the test suite runs)
+import test_homework_rules as rules    # noqa: E402  (the spellings of forbidden functions)
 
 
 def serve_solution() -> int:
@@ -39,8 +41,8 @@ def main():
     port, rows = serve_solution(), []
     for mode in args.modes.split(","):
         os.environ["CAMP_SANDBOX_NAMESPACES"] = "1" if mode == "namespaces" else "0"
-        from course_lib import sandbox
-        sandbox._ISOLATION = None
+        from course_lib.confine import isolation
+        isolation(refresh=True)
         for name in args.attacks.split(","):
             code = attacks.ATTACKS[name][0]
             before, start = attacks._hashes(), time.perf_counter()
@@ -54,7 +56,28 @@ def main():
         print(f"{r['mode']:<11} {r['attack']:<22} {r['points']:>6g} {str(r['files_changed']):>13} {str(r['succeeded']):>9} {r['seconds']:>7}")
     summary = {m: {"tried": sum(r["mode"] == m for r in rows), "succeeded": sum(r["mode"] == m and r["succeeded"] for r in rows)}
                for m in args.modes.split(",")}
-    print(json.dumps({"bench": "grader_attacks", "summary": summary, "rows": rows}))
+    spellings = forbidden_spellings()
+    print(f"\n{'forbidden spelling':<32} {'outcome':<16}")
+    for name, outcome in spellings.items(): print(f"{name:<32} {outcome:<16}")
+    summary["forbidden_spellings"] = {"tried": len(spellings), "succeeded": sum(v == "ALLOWED" for v in spellings.values())}
+    print(json.dumps({"bench": "grader_attacks", "summary": summary, "rows": rows, "spellings": spellings}))
+
+
+def forbidden_spellings() -> dict:
+    "Each spelling of a forbidden function, tried in a sandbox that forbids hw03's and hw04's names: what it raised."
+    from course_lib.confine import isolation
+    from course_lib.sandbox import Session
+    os.environ["CAMP_SANDBOX_NAMESPACES"] = "1"; isolation(refresh=True)
+    forbidden = {**rules.grading_module("hw03_model").FORBIDDEN, **rules.grading_module("hw04_pretrain").FORBIDDEN}
+    rows = "".join(f"    {name!r}: lambda: {code},\n" for name, code in rules.SPELLINGS.items())
+    with Session() as s:
+        s.forbid(forbidden)
+        s.run("import importlib, importlib.util, os, sys, torch, torch.nn.functional as F\nq = torch.randn(1, 1, 3, 4)\n"
+              f"tries = {{\n{rows}}}\nrefused = {{}}\n"
+              "for name, f in tries.items():\n"
+              "    try: f(); refused[name] = 'ALLOWED'\n"
+              "    except Exception as e: refused[name] = type(e).__name__")
+        return s.get("refused")[0]
 
 
 if __name__ == "__main__":
