@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #2f2fe08c
+# %% ../nbs/93_lessons.ipynb #23624849
 import html
 import json
 import os
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #1158d2be
+# %% ../nbs/93_lessons.ipynb #1435b41b
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +52,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #76cca896
+# %% ../nbs/93_lessons.ipynb #d8e39efb
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -79,7 +79,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #a579d4ca
+# %% ../nbs/93_lessons.ipynb #8605d24f
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -119,7 +119,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #c74d7385
+# %% ../nbs/93_lessons.ipynb #1455f059
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,12 +158,12 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #5b65b8af
+# %% ../nbs/93_lessons.ipynb #2060ee5c
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
-    subprocess.run([str(tool) if tool.exists() else "nbdev-clean", "--fname", str(path)], check=True,
-                   capture_output=True, cwd=path.parent)
+    subprocess.run([str(tool) if tool.exists() else "nbdev-clean", "--fname", str(path.resolve())], check=True,
+                   capture_output=True, cwd=path.resolve().parent)
 
 def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "cpu", log=print) -> list[dict]:
     "Execute lessons (all, or `names`) at `tier` and write them back with clean outputs; returns a row per lesson."
@@ -180,7 +180,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #8f09591e
+# %% ../nbs/93_lessons.ipynb #8f4b9dc2
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -221,7 +221,7 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #9c736ce2
+# %% ../nbs/93_lessons.ipynb #626796f6
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
 
 def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
@@ -254,7 +254,7 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #15b31cb9
+# %% ../nbs/93_lessons.ipynb #9d2828ab
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
