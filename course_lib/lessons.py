@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #23624849
+# %% ../nbs/93_lessons.ipynb #4de7d627
 import html
 import json
 import os
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #1435b41b
+# %% ../nbs/93_lessons.ipynb #b159e4ab
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +52,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #d8e39efb
+# %% ../nbs/93_lessons.ipynb #e1b28568
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -79,7 +79,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #8605d24f
+# %% ../nbs/93_lessons.ipynb #9479b8ca
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -119,7 +119,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #1455f059
+# %% ../nbs/93_lessons.ipynb #1215b434
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,7 +158,7 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #2060ee5c
+# %% ../nbs/93_lessons.ipynb #1f44281b
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
@@ -180,7 +180,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #8f4b9dc2
+# %% ../nbs/93_lessons.ipynb #865341fb
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -221,7 +221,7 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #626796f6
+# %% ../nbs/93_lessons.ipynb #a4e6da29
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
 
 def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
@@ -242,7 +242,8 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
     for path in lesson_paths(names, root):
         log(f"[camp] timing {path.name} ...")
         rows.append(_timed(path, "lesson", root, tier, path.parent))
-    lab_paths = [p for p in lesson_paths((), root, "labs") if not names or p.stem in {q.stem for q in lesson_paths(names, root)}] \
+    numbers = {notebook_number(p) for p in lesson_paths(names, root)}
+    lab_paths = [p for p in lesson_paths((), root, "labs") if not names or notebook_number(p) in numbers] \
         if labs and (root / "labs").is_dir() else []
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "labs").mkdir()
@@ -254,7 +255,7 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #9d2828ab
+# %% ../nbs/93_lessons.ipynb #d9215a2e
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
