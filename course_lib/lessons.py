@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #4de7d627
+# %% ../nbs/93_lessons.ipynb #eae5690c
 import html
 import json
 import os
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #b159e4ab
+# %% ../nbs/93_lessons.ipynb #6a8c2fcd
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +52,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #e1b28568
+# %% ../nbs/93_lessons.ipynb #18756273
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -79,7 +79,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #9479b8ca
+# %% ../nbs/93_lessons.ipynb #5b33fe8d
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -119,7 +119,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #1215b434
+# %% ../nbs/93_lessons.ipynb #f9f87313
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,7 +158,7 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #1f44281b
+# %% ../nbs/93_lessons.ipynb #d3877b08
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
@@ -180,7 +180,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #865341fb
+# %% ../nbs/93_lessons.ipynb #e0ceb2a5
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -189,8 +189,9 @@ def notebook_title(nb) -> str:
 
 def _link_pages(body: str, stems: set[str]) -> str:
     "Point href='NN_name.ipynb' (and '#anchors') at 'NN_name.html' for the notebooks on the site."
-    page = lambda m: f'href="{m.group(1)}.html{m.group(2)}"' if m.group(1) in stems else m.group(0)
-    return re.sub(r'href="(?:\./)?([\w-]+)\.ipynb(#[^"]*)?"', lambda m: page(m).replace("None", ""), body)
+    def page(m: re.Match) -> str:
+        return f'{m.group(1)}{m.group(2)}.html{m.group(3) or ""}"' if m.group(2) in stems else m.group(0)
+    return re.sub(r'(<a\s[^>]*?href=")(?:\./)?([\w-]+)\.ipynb(#[^"]*)?"', page, body)   # a tag, not code text
 
 def _index_page(pages: list[tuple[str, str]]) -> str:
     "The site's front page: lessons in course order, then tools."
@@ -221,7 +222,7 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #a4e6da29
+# %% ../nbs/93_lessons.ipynb #c078723d
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
 
 def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
@@ -255,7 +256,7 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #d9215a2e
+# %% ../nbs/93_lessons.ipynb #545c2647
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
