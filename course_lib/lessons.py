@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #eae5690c
+# %% ../nbs/93_lessons.ipynb #bc2d863d
 import html
 import json
 import os
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #6a8c2fcd
+# %% ../nbs/93_lessons.ipynb #ebeb98d9
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +52,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #18756273
+# %% ../nbs/93_lessons.ipynb #099efaae
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -79,7 +79,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #5b33fe8d
+# %% ../nbs/93_lessons.ipynb #b5b88c16
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -119,7 +119,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #f9f87313
+# %% ../nbs/93_lessons.ipynb #ee7271bf
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,7 +158,7 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #d3877b08
+# %% ../nbs/93_lessons.ipynb #7ce6e15d
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
@@ -180,7 +180,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #e0ceb2a5
+# %% ../nbs/93_lessons.ipynb #377cf1af
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -222,8 +222,13 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #c078723d
+# %% ../nbs/93_lessons.ipynb #3dc4f424
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
+
+def _first_line(source: str) -> str:
+    "A cell's first line of code, directives skipped, cut to 50 characters: how a reader finds the cell."
+    line = next((l.strip() for l in source.splitlines() if l.strip() and not l.startswith("#|")), "")
+    return line if len(line) <= 50 else line[:49] + "…"
 
 def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
     "One notebook's timing row (or its failure)."
@@ -233,7 +238,8 @@ def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
     except RuntimeError as e:
         return row | {"seconds": None, "error": str(e).splitlines()[-1][:200]}
     slowest = sorted(range(len(per_cell)), key=per_cell.__getitem__, reverse=True)[:3]
-    return row | {"seconds": round(seconds, 1), "slowest_cells": [[nb.cells[i].get("id", str(i)), round(per_cell[i], 1)] for i in slowest]}
+    return row | {"seconds": round(seconds, 1),
+                  "slowest_cells": [[nb.cells[i].get("id", str(i)), round(per_cell[i], 1), _first_line(nb.cells[i].source)] for i in slowest]}
 
 def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "cpu", labs: bool = True,
                    log=print) -> dict:
@@ -256,19 +262,19 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #545c2647
+# %% ../nbs/93_lessons.ipynb #3af2428d
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
     "A Markdown table of `time_notebooks`' result, with the machine and the load it ran under."
     tier, limit = result["tier"], result["limit_s"]
-    lines = [f"| notebook | kind | seconds at `{tier}` | under {limit // 60} min | slowest cell (s) |", "|---|---|---|---|---|"]
+    lines = [f"| notebook | kind | seconds at `{tier}` | under {limit // 60} min | slowest cell: seconds, first line |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["seconds"] is None:
             lines.append(f"| `{r['notebook']}` | {r['kind']} | failed | no | {r['error']} |")
         else:
             lines.append(f"| `{r['notebook']}` | {r['kind']} | {r['seconds']:.1f} | {'yes' if r['seconds'] < limit else '**no**'} "
-                         f"| `{r['slowest_cells'][0][0]}` ({r['slowest_cells'][0][1]:.1f}) |")
+                         f"| {r['slowest_cells'][0][1]:.1f}: `{r['slowest_cells'][0][2].replace('|', '¦').replace('`', '')}` |")
     noise = (f"noisy: load average up to {result['load_average']} on {result['cpus']} CPUs, other jobs were running"
              if result["noisy"] else f"quiet: load average at most {result['load_average']} on {result['cpus']} CPUs")
     return f"Measured {result['when']} ({noise}).\n\n" + "\n".join(lines) + "\n"
