@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MIND_PLANNER', 'MIND_MERGER', 'parse_graph', 'mind_search', 'mcp_server', 'mcp_tools', 'held_out_arithmetic',
            'tool_use_success', 'calculator_policy', 'agent_success', 'agents_stage', 'scripted_policy', 'render_steps',
-           'agents_demo']
+           'render_graph', 'agents_demo']
 
 # %% ../nbs/09a_agent_systems.ipynb #18b8511c
 """Agents at work: a MindSearch-style planner, tools over MCP, the tool-use check of `camp run`, and the chapter's demo.
@@ -209,8 +209,13 @@ def _state(tool_name: str, arguments: dict, observation: str) -> str:
     return f"The corpus says: {first}" if first.startswith("[") else "Nothing in the course corpus matches the question."
 
 def scripted_policy(messages: list[dict]) -> str:
-    "The demo's scripted back end (a function of the conversation): one tool call picked from the question, then the observation stated; speaks ReAct and ReWOO."
+    "The demo's scripted back end (a function of the conversation): one tool call picked from the question, then the observation stated; speaks ReAct, ReWOO and the planner."
     first = next(m["content"] for m in messages if m["role"] == "user")
+    if first.startswith("Split the question into sub-questions"):         # the planner: one node per part joined by ';' or 'and'
+        parts = [p for p in re.split(r"\s*(?:;|\band\b)\s*", first.rsplit("Question:", 1)[1].strip()) if p]
+        return "\n".join(f"Q{n} []: {p}" for n, p in enumerate(parts, 1))
+    if first.startswith("Answer the question from the findings"):          # the planner's merge: every finding, cited
+        return " ".join(f"{answer} [{node}]" for node, answer in re.findall(r"^\[(Q\d+)\] .*? -> (.*)$", first, re.M))
     if first.startswith("Make a plan"):                                   # ReWOO's planner
         thought, name, args = _pick_tool(first.rsplit("Question:", 1)[1])
         return f"Plan: {thought}\n#E1 = {name}[{json.dumps(args, ensure_ascii=False)}]"
@@ -237,6 +242,11 @@ def render_steps(steps: list[Step]) -> str:
             out.append(f"**{i}. {label}** ({s.tokens[0]} + {s.tokens[1]} tokens, {s.seconds:.2f} s)\n\n{s.text or '_(no text)_'}")
     return "\n\n---\n\n".join(out) or "_no steps yet_"
 
+def render_graph(nodes: dict[str, dict]) -> str:
+    "The planner's graph as Markdown, one line per node in the order they started: sub-question, then running or its answer."
+    return "\n".join(f"- **{n}** {v['question']} → " + (f"✅ {v['answer']}" if "answer" in v else "⏳ running")
+                     for n, v in nodes.items()) or "_the graph appears here when the planner runs_"
+
 def _default_folder(run: str | None) -> str:
     "The run's fine-tuned model folder, else its pretrained one, else the newest run's; '' when there is none."
     from course_lib.core import newest_artifact
@@ -249,7 +259,7 @@ from .core import demo
 
 @demo("agents")
 def agents_demo(run: str | None = None):
-    "A Gradio app: ask an agent (ReAct or ReWOO) a question and watch its trace stream; scripted, course-model or endpoint back end."
+    "A Gradio app: ask an agent (ReAct, ReWOO or the planner) and watch its trace and graph stream; scripted, course-model or endpoint back end."
     import os
     import queue
     import gradio as gr
@@ -271,28 +281,34 @@ def agents_demo(run: str | None = None):
         return OpenAIChat(url.strip(), name.strip() or "camp", native_tools=native, max_tokens=256, timeout_s=60)
 
     def ask(question, kind, folder, url, name, native, loop, chosen, max_steps):
-        "Run the loop on a thread; yield (trace, answer, totals) at every step."
+        "Run the loop on a thread; yield (trace, graph, answer, totals) at every step or node event."
         if not question.strip(): raise gr.Error("Write a question first.")
         if not chosen: raise gr.Error("Pick at least one tool.")
-        model, steps, events, box = backend(kind, folder, url, name, native), [], queue.Queue(), {}
+        model, steps, nodes, events, box = backend(kind, folder, url, name, native), [], {}, queue.Queue(), {}
+        searcher = (lambda node: backend(kind, folder, url, name, native)) if kind == "scripted" else (lambda node: model)
+        def node_event(event: str, node: str, text: str):
+            events.put(("node", event, node, text))
         def work():
             try:
-                picked = [tools[t] for t in chosen]
-                box["trace"] = (react(model, picked, question, max_steps=int(max_steps), on_step=events.put) if loop == "ReAct"
-                                else rewoo(model, picked, question, on_step=events.put))
+                picked, steps_to = [tools[t] for t in chosen], lambda s: events.put(("step", s))
+                if loop == "ReAct": box["trace"] = react(model, picked, question, max_steps=int(max_steps), on_step=steps_to)
+                elif loop == "ReWOO": box["trace"] = rewoo(model, picked, question, on_step=steps_to)
+                else: box["trace"], _ = mind_search(model, searcher, picked, question, max_steps=int(max_steps), on_event=node_event)
             except Exception as e: box["error"] = e   # the back end failed: say so, keep the trace so far
             finally: events.put(None)
         threading.Thread(target=work, name="agents-demo", daemon=True).start()
-        while (step := events.get()) is not None:
-            steps.append(step)
-            yield render_steps(steps), "", "running ..."
+        while (event := events.get()) is not None:
+            if event[0] == "step": steps.append(event[1])
+            elif event[1] == "start": nodes[event[2]] = {"question": event[3]}
+            else: nodes[event[2]]["answer"] = event[3]
+            yield render_steps(steps), render_graph(nodes), "", "running ..."
         if "error" in box:
             e = box["error"]
-            yield render_steps(steps), f"error: the back end failed: {type(e).__name__}: {e}", "stop: error"
+            yield render_steps(steps), render_graph(nodes), f"error: the back end failed: {type(e).__name__}: {e}", "stop: error"
             return
         t = box["trace"]
-        yield (render_steps(steps), t.answer, f"stop: {t.stop} · {t.model_calls} model calls · {len(t.tool_calls)} tool calls · "
-               f"{t.tokens[0]} + {t.tokens[1]} tokens · {t.seconds:.2f} s")
+        yield (render_steps(t.steps), render_graph(nodes), t.answer, f"stop: {t.stop} · {t.model_calls} model calls · "
+               f"{len(t.tool_calls)} tool calls · {t.tokens[0]} + {t.tokens[1]} tokens · {t.seconds:.2f} s")
 
     with gr.Blocks(title="LLM Camp: agents") as app:
         gr.Markdown("# Watch an agent work\nThought, tool call and observation stream as the loop runs. The scripted back end "
@@ -304,19 +320,21 @@ def agents_demo(run: str | None = None):
                 answer = gr.Textbox(label="answer", elem_id="answer", lines=3)
                 totals = gr.Textbox(label="totals", elem_id="totals")
                 gr.Examples(["What is (12 + 30) * 7?", "python: print(sum(i * i for i in range(10)))",
-                             "What does the corpus say about tokenizers?"], inputs=question)
+                             "What does the corpus say about tokenizers?", "What is 6 * 7 and what is (1 + 2) * 3"], inputs=question)
             with gr.Column(scale=1):
                 kind = gr.Radio(["scripted", "course model", "endpoint"], value="scripted", label="back end", elem_id="backend")
                 folder = gr.Textbox(label="model folder (course model)", value=_default_folder(run), elem_id="model-folder")
                 url = gr.Textbox(label="endpoint base URL", value=os.environ.get("CAMP_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"), elem_id="endpoint-url")
                 name = gr.Textbox(label="endpoint model name", value=os.environ.get("CAMP_OPENAI_MODEL", "camp"), elem_id="endpoint-model")
                 native = gr.Checkbox(label="native tool calls (else the <tool_call> text protocol)", value=True, elem_id="native")
-                loop = gr.Radio(["ReAct", "ReWOO"], value="ReAct", label="loop", elem_id="loop")
+                loop = gr.Radio(["ReAct", "ReWOO", "planner"], value="ReAct", label="loop", elem_id="loop")
                 chosen = gr.CheckboxGroup(list(tools), value=list(tools), label="tools", elem_id="tools")
-                max_steps = gr.Slider(1, 10, value=4, step=1, label="max model turns (ReAct)", elem_id="max-steps")
-        trace = gr.Markdown("_no steps yet_", elem_id="trace")
-        inputs = [question, kind, folder, url, name, native, loop, chosen, max_steps]
-        ask_button.click(ask, inputs, [trace, answer, totals])
-        question.submit(ask, inputs, [trace, answer, totals])
+                max_steps = gr.Slider(1, 10, value=4, step=1, label="max model turns (ReAct, each searcher)", elem_id="max-steps")
+        with gr.Row():
+            trace = gr.Markdown("_no steps yet_", elem_id="trace")
+            graph = gr.Markdown(render_graph({}), elem_id="graph")
+        inputs, outputs = [question, kind, folder, url, name, native, loop, chosen, max_steps], [trace, graph, answer, totals]
+        ask_button.click(ask, inputs, outputs)
+        question.submit(ask, inputs, outputs)
         app.unload(interpreter.close)
     return app

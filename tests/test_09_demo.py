@@ -1,5 +1,5 @@
 """Chapter 9's agents demo in a real browser: the scripted back end's traces (calculator under ReAct, the sandboxed
-interpreter under ReWOO) against values computed here, the course model's reply against transformers' greedy
+interpreter under ReWOO, the planner's graph of two calculator nodes) against values computed here, the course model's reply against transformers' greedy
 generation, and an endpoint that does not answer reported as an error."""
 import pytest
 import torch
@@ -28,7 +28,7 @@ def ask(page, url, question, backend=None, loop=None, extra=None):
 
 
 @pytest.mark.browser
-def test_scripted_react_calls_the_calculator_rewoo_the_interpreter_and_a_dead_endpoint_is_an_error(launch_demo, page):
+def test_scripted_back_end_under_react_rewoo_and_the_planner_and_a_dead_endpoint(launch_demo, page):
     import socket
     url = launch_demo("agents")
     trace, answer, totals = ask(page, url, "What is (12 + 30) * 7?")
@@ -42,6 +42,12 @@ def test_scripted_react_calls_the_calculator_rewoo_the_interpreter_and_a_dead_en
     assert "plan" in trace and "python(" in trace and want in trace
     assert answer == f"The code printed:\n{want}"
     assert totals.startswith("stop: answer · 2 model calls · 1 tool calls")
+
+    trace, answer, totals = ask(page, url, "What is 6 * 7 and what is (1 + 2) * 3", loop="planner")
+    graph = page.locator("#graph").inner_text()
+    assert f"Q1 What is 6 * 7 → ✅ 6 * 7 = {6 * 7}." in graph and f"Q2 what is (1 + 2) * 3 → ✅ (1 + 2) * 3 = {(1 + 2) * 3}." in graph
+    assert answer == f"6 * 7 = {6 * 7}. [Q1] (1 + 2) * 3 = {(1 + 2) * 3}. [Q2]"
+    assert totals.startswith("stop: answer · 2 model calls · 2 tool calls")   # the planner's plan and merge; one searcher per node
 
     with socket.socket() as s:                                # a port nobody listens on
         s.bind(("127.0.0.1", 0))
