@@ -1,4 +1,4 @@
-"""Shared fixtures: the test tier, a launched demo, and a headless-Chromium page."""
+"""Shared fixtures: the test tier, a tiny exported chat model, a launched demo, and a headless-Chromium page."""
 import os
 import shutil
 import socket
@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,6 +36,25 @@ def pytest_report_header(config):
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run folder holding a tiny, untrained chat model at pretrain/model (BPE tokenizer with the chat specials, Decoder,
+    Hugging Face layout): SimpleNamespace(run, folder, tok, model). Seeded, so a test can recompute what a demo shows."""
+    import json
+    import torch
+    from course_lib.model import Decoder, export_hf, get_config
+    from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, save_hf, train_bpe
+    vocab, merges = train_bpe([open(json.__file__).read()], 320, special_tokens=DEFAULT_SPECIALS, processes=1)
+    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
+    torch.manual_seed(0)
+    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               d_ff=64, max_seq_len=256, init_std=0.2)).eval()
+    folder = tmp_path / "pretrain" / "model"
+    save_hf(tok, folder)
+    export_hf(model, folder, tokenizer=folder)
+    return SimpleNamespace(run=tmp_path, folder=folder, tok=tok, model=model)
 
 
 def _free_port() -> int:

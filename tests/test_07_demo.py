@@ -1,30 +1,19 @@
 """Chapter 7's chat demo in a real browser: it talks to its server through the openai client; the reply is the engine's greedy text."""
-import json
-
 import pytest
-import torch
 
 from course_lib.engine import LLMEngine, SamplingParams
-from course_lib.model import Decoder, export_hf, get_config
-from course_lib.tokenizer import DEFAULT_SPECIALS, EOT, Tokenizer, apply_chat_template, save_hf, train_bpe
+from course_lib.tokenizer import EOT, apply_chat_template
 
 
 @pytest.mark.browser
-def test_chat_demo_streams_the_greedy_reply(launch_demo, page, tmp_path):
-    vocab, merges = train_bpe([open(json.__file__).read()], 320, special_tokens=DEFAULT_SPECIALS, processes=1)
-    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
-    torch.manual_seed(0)
-    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                               d_ff=64, max_seq_len=256, init_std=0.2)).eval()
-    folder = tmp_path / "pretrain" / "model"
-    save_hf(tok, folder)
-    export_hf(model, folder, tokenizer=folder)
+def test_chat_demo_streams_the_greedy_reply(launch_demo, page, tiny_run):
+    tok, model = tiny_run.tok, tiny_run.model
     ids = apply_chat_template(tok, [{"role": "user", "content": "hello"}], add_generation_prompt=True)
     stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
     want = tok.decode(LLMEngine(model, num_blocks=64, block_size=8).generate([ids], SamplingParams(max_tokens=12, stop_ids=stops))[0])
 
     assert want.strip()                                                 # a reply to wait for, not the empty start
-    url = launch_demo("serve-chat", "--run", str(tmp_path))
+    url = launch_demo("serve-chat", "--run", str(tiny_run.run))
     page.goto(url, wait_until="load")
     for slider, value in (("#temperature", "0"), ("#max-tokens", "12")):   # greedy, 12 tokens
         number = page.locator(f"{slider} input[type=number]")

@@ -13,9 +13,10 @@ import jsonschema
 import pytest
 import torch
 
-from course_lib.agents import (BM25, CourseModel, OpenAIChat, PythonInterpreter, ScriptedModel, ToolArgumentError, agent_success,
-                               calculator, calculator_policy, file_reader, function_schema, held_out_arithmetic, mcp_server, mcp_tools, mind_search, parse_graph, parse_plan, react,
-                               rewoo, tool, tool_use_success, validate_arguments)
+from course_lib.agent_systems import (agent_success, calculator_policy, held_out_arithmetic, mcp_server, mcp_tools, mind_search,
+                                      parse_graph, tool_use_success)
+from course_lib.agents import (BM25, CourseModel, OpenAIChat, PythonInterpreter, ScriptedModel, ToolArgumentError, calculator,
+                               file_reader, function_schema, parse_plan, react, rewoo, tool, validate_arguments)
 from course_lib.sandbox import SandboxLimits, isolation
 
 
@@ -297,7 +298,7 @@ def test_hostile_code_is_contained(name, tmp_path, listener):
 
 def test_agents_stage_reports_the_reference_and_each_model(tmp_path, tiny):
     from course_lib.core import RunContext, load_settings
-    from course_lib.agents import agents_stage
+    from course_lib.agent_systems import agents_stage
     from course_lib.model import export_hf
     from course_lib.tokenizer import save_hf
     model, tok = tiny
