@@ -16,9 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import course_lib.bpe as bpe_module
 import course_lib.tokenizer as tokenizer_module
 from course_lib.core import embedded_corpus
-from course_lib.tokenizer import (DEFAULT_SPECIALS, _count_file_range, chunk_boundaries, EOT, GPT4_PATTERN, Tokenizer, _from_unicode, apply_chat_template,
+from course_lib.bpe import _count_file_range
+from course_lib.tokenizer import (DEFAULT_SPECIALS, chunk_boundaries, EOT, GPT4_PATTERN, Tokenizer, _from_unicode, apply_chat_template,
                                   count_pretokens, load_tokenizer, save_hf, save_tokenizer, to_transformers, train_bpe,
                                   train_bpe_naive, truncate)
 
@@ -369,5 +371,5 @@ def test_load_tokens_names_what_is_wrong(tmp_path):
 
 def test_the_tie_break_rule_is_credited_to_cs336():
     "Ties go to the greatest pair: Stanford CS336's rule (GPT-2's trainer was never published; HF's prefers the smallest ids)."
-    doc = tokenizer_module.__doc__
+    doc = bpe_module.__doc__
     assert "CS336" in doc and "GPT-2-trainer" not in doc
