@@ -68,7 +68,8 @@ def _count_file_range(args) -> Counter:
     "Worker: count pre-tokens in bytes [start, end) of a file (the range starts and ends at a safe boundary)."
     path, start, end, pattern, special_tokens = args
     with open(path, "rb") as f:
-        f.seek(start); raw = f.read(end - start)
+        f.seek(start)
+        raw = f.read(end - start)
     try: text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = raw[e.start:e.start + 4]
@@ -93,14 +94,23 @@ def chunk_boundaries(path: str | Path, n_chunks: int, split_token: bytes | None)
     finder = regex.compile(regex.escape(split_token) if split_token else rb"(?<=[!-~])[ \t]")
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
-            f.seek(cuts[i]); pos = cuts[i]
+            # from the even cut, read forward a megabyte at a time until a safe boundary turns up
+            pos = cuts[i]
+            f.seek(pos)
             while True:
                 block = f.read(1 << 20)
-                if not block: cuts[i] = size; break
+                if not block:                                    # past the end: the cut falls on the end
+                    cuts[i] = size
+                    break
                 m = finder.search(block)
-                if m: cuts[i] = pos + m.start(); break
-                pos += len(block) - 64; f.seek(pos)  # overlap so a token across blocks is still found
-                if len(block) < (1 << 20): cuts[i] = size; break
+                if m:                                            # cut right before the boundary
+                    cuts[i] = pos + m.start()
+                    break
+                if len(block) < (1 << 20):                       # the last block held none
+                    cuts[i] = size
+                    break
+                pos += len(block) - 64                           # overlap so a token across blocks is still found
+                f.seek(pos)
     return sorted(set(cuts))
 
 def count_pretokens(source: str | Path | Iterable[str], pattern: str = "gpt2", special_tokens: Iterable[str] = (),
@@ -123,8 +133,11 @@ def count_pretokens(source: str | Path | Iterable[str], pattern: str = "gpt2", s
         jobs, batch, size = [], [], 0
         for text in texts:
             if not isinstance(text, str): raise TypeError(f"texts must be str, got {type(text).__name__}")
-            batch.append(text); size += len(text)
-            if size >= 2_000_000: jobs.append((batch, pattern, specials)); batch, size = [], 0
+            batch.append(text)
+            size += len(text)
+            if size >= 2_000_000:                                # one job per ~2 MB of text
+                jobs.append((batch, pattern, specials))
+                batch, size = [], 0
         if batch or not jobs: jobs.append((batch, pattern, specials))
         worker = _count_batch
     if processes == 1 or len(jobs) == 1:
@@ -152,9 +165,11 @@ def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     out, i, a, b = [], 0, pair[0], pair[1]
     while i < len(ids):
         if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
-            out.append(new_id); i += 2
+            out.append(new_id)
+            i += 2
         else:
-            out.append(ids[i]); i += 1
+            out.append(ids[i])
+            i += 1
     return out
 
 # %% ../nbs/02a_bpe.ipynb #1c014c6a
@@ -184,12 +199,18 @@ def train_bpe_naive(source: str | Path | Iterable[str], vocab_size: int, special
     token_bytes = [bytes([i]) for i in range(256)]
     merges = []
     for new_id in range(256, vocab_size - len(specials)):
+        # count every adjacent pair, weighted by how often its pre-token occurs
         counts: dict = {}
-        for ids, n in words: pair_counts(ids, counts, n)
-        if not counts: break
+        for ids, n in words:
+            pair_counts(ids, counts, n)
+        if not counts:
+            break                                                        # every pre-token is one token already
+        # pick the most frequent pair; a tie goes to the greatest pair of byte strings
         best = max(counts, key=lambda p: (counts[p], token_bytes[p[0]], token_bytes[p[1]]))
+        # mint the new token
         merges.append((token_bytes[best[0]], token_bytes[best[1]]))
         token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
+        # rewrite every pre-token with it
         words = [(merge(ids, best, new_id), n) for ids, n in words]
     return build_vocab(merges, specials), merges
 
