@@ -108,25 +108,38 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weig
 
 class UnionFind:
     "Disjoint sets over 0..n-1 whose root is always the smallest member (so 'keep the root' keeps the earliest)."
-    def __init__(self, n: int): self.parent = list(range(n))
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
     def find(self, x: int) -> int:
+        "The root of x's set."
+        # climb to the root
         root = x
-        while self.parent[root] != root: root = self.parent[root]
-        while self.parent[x] != root: self.parent[x], x = root, self.parent[x]  # path compression
+        while self.parent[root] != root:
+            root = self.parent[root]
+        # path compression: point every node on the way straight at the root
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
         return root
+
     def union(self, x: int, y: int) -> None:
+        "Join x's and y's sets under the smaller root."
         rx, ry = self.find(x), self.find(y)
-        if rx != ry: self.parent[max(rx, ry)] = min(rx, ry)
+        if rx != ry:
+            self.parent[max(rx, ry)] = min(rx, ry)
 
 def lsh_candidates(signatures: np.ndarray, bands: int, rows: int) -> set[tuple[int, int]]:
     "Pairs (i < j) of rows of `signatures` (n, num_perm) that agree on all `rows` values of at least one band."
     pairs: set[tuple[int, int]] = set()
     for band in range(bands):
+        # this band's slice of every signature, as one hashable key per document
         block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])      # (n, rows)
         keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()    # (n,) one bytes key per row
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])
+        # sort the keys so equal ones sit together, and find where each run of equal keys starts
+        order = np.argsort(keys, kind="stable")                                        # (n,)
+        sorted_keys = keys[order]                                                      # (n,)
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])  # (runs + 1,)
+        # every pair inside a run of two or more is a candidate
         for s, e in zip(starts[:-1], starts[1:]):
             if e - s > 1:
                 members = np.sort(order[s:e]).tolist()
@@ -143,7 +156,9 @@ def near_duplicate_clusters(signatures: np.ndarray,
     uf, verified = UnionFind(n), []
     empty = (signatures == np.uint32(0xFFFFFFFF)).all(axis=1)   # no shingles at all: nothing to compare
     for i, j in sorted(lsh_candidates(signatures, bands, rows)):
-        if empty[i] or empty[j]: continue
+        if empty[i] or empty[j]:
+            continue
+        # verify the candidate on the full signatures, then join the two clusters
         similarity = float(np.mean(signatures[i] == signatures[j]))
         if similarity >= threshold:
             verified.append((i, j, similarity))

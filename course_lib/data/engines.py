@@ -65,7 +65,8 @@ except ImportError:  # datatrove is an optional extra: pip install 'llm-camp[dat
     _PipelineStep = object
 
 class DatatroveClean(_PipelineStep):
-    "Our per-document steps as one datatrove pipeline step; drops are counted in datatrove's stats as 'dropped_<step>/<reason>'."
+    """Our per-document steps as one datatrove pipeline step; drops are counted in datatrove's stats as
+    'dropped_<step>/<reason>'."""
     name, type = "🧹 LLM Camp steps", "🔻 - FILTER"
     def __init__(self, cfg: CleanConfig | None = None):
         super().__init__()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import Settings
+from ..core import Settings, from_settings
 
 # %% ../../nbs/01a_data_filters.ipynb #aa8e2a98
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ class CleanConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "CleanConfig":
-        "The course settings' cleaning knobs (dedup_threshold, seed) with `overrides` on top."
-        return cls(**{"dedup_threshold": settings.dedup_threshold, "seed": settings.seed, **overrides})
+        """The course settings' cleaning knobs by core.from_settings (fields named like a setting: dedup_threshold,
+        seed), `overrides` on top. subtle: not `steps`, which in the settings counts optimiser steps."""
+        return from_settings(cls, settings, **({"steps": cls.steps} | overrides))
 
 STEP_NAMES = ("readable", "normalise", "language", "repetition", "quality", "c4", "code", "pii", "exact_dedup",
               "near_dedup", "line_dedup")
@@ -169,7 +170,8 @@ def language_identifier():
     return LanguageIdentifier.from_modelstring(model, norm_probs=True)
 
 def detect_language(text: str, sample_chars: int = 5_000) -> tuple[str, float]:
-    "langid's best language and its probability for the first `sample_chars` characters: 'The cat sat.' -> ('en', 0.9...)."
+    """langid's best language and its probability for the first `sample_chars` characters:
+    'The cat sat.' -> ('en', 0.9...)."""
     lang, prob = language_identifier().classify(text[:sample_chars])
     return lang, float(prob)
 
@@ -183,8 +185,10 @@ def identify_language(doc: dict, cfg: CleanConfig) -> dict | Drop:
 
 # %% ../../nbs/01a_data_filters.ipynb #b01c4a9b
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-CJK_STOP_WORDS = frozenset({"的", "了", "是", "在", "和", "有", "我", "也", "不", "就", "都", "这", "与", "而"})
-_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’«»…—–·•，。！？；：、（）《》「」『』【】～"
+CJK_STOP_WORDS = frozenset({"的", "了", "是", "在", "和", "有", "我",
+                            "也", "不", "就", "都", "这", "与", "而"})
+_PUNCT = ("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"         # ASCII punctuation
+          "“”‘’«»…—–·•，。！？；：、（）《》「」『』【】～")      # typographic and CJK punctuation
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 def is_cjk(text: str, fraction: float = 0.3) -> bool:
@@ -258,7 +262,8 @@ def quality_verdict(signals: dict[str, float], cfg: CleanConfig, cjk: bool = Fal
     return None
 
 def gopher_quality(doc: dict, cfg: CleanConfig) -> dict | Drop:
-    "Drop prose that breaks a Gopher quality rule (too short/long, odd word lengths, symbol-heavy, list-like, no stop words)."
+    """Drop prose that breaks a Gopher quality rule (too short/long, odd word lengths, symbol-heavy, list-like,
+    no stop words)."""
     if _kind(doc) == "code": return doc
     cjk = is_cjk(doc["text"], cfg.cjk_fraction)
     return quality_verdict(quality_signals(doc["text"], cjk), cfg, cjk) or doc
@@ -346,11 +351,13 @@ def gopher_repetition(doc: dict, cfg: CleanConfig) -> dict | Drop:
 # %% ../../nbs/01a_data_filters.ipynb #f7b3ab70
 _TERMINAL = (".", "!", "?", '"', "'", ":", "”", "’", "。", "！", "？", "」", "』")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)|[。！？]+[”」』]*")  # CJK sentences end without a space
+# a sentence ends at . ! ? (and closing quotes) before a space; CJK sentences end without a space
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)|[。！？]+[”」』]*")
 _CITATION = re.compile(r"\[\d+\]|\[edit\]|\[citation needed\]")
 
 def _is_code_block(paragraph: str) -> bool:
-    "Indented blocks (2+ spaces: pydoc indents by 3), doctest sessions and fenced blocks are code inside prose; C4's rules don't fit them."
+    """Indented blocks (2+ spaces: pydoc indents by 3), doctest sessions and fenced blocks are code inside
+    prose; C4's rules don't fit them."""
     lines = [l for l in paragraph.split("\n") if l.strip()]
     return all(l.startswith(("  ", "\t")) for l in lines) or lines[0].lstrip().startswith((">>>", "```", "$ "))
 
@@ -387,7 +394,8 @@ def c4_paragraphs(text: str, cfg: CleanConfig) -> tuple[list[str], list[tuple[st
     return kept, removed, None
 
 def c4_filter(doc: dict, cfg: CleanConfig) -> dict | Drop:
-    "Remove C4's bad paragraphs (no terminal punctuation, < 3 words, 'javascript', cookie policies); drop pages left with < 5 sentences."
+    """Remove C4's bad paragraphs (no terminal punctuation, < 3 words, 'javascript', cookie policies);
+    drop pages left with < 5 sentences."""
     if _kind(doc) == "code": return doc
     kept, removed, verdict = c4_paragraphs(doc["text"], cfg)
     if verdict: return verdict
@@ -401,7 +409,8 @@ _BLOB = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
 _ALNUM_RUNS = re.compile(r"[^\W_]+")  # runs of letters and digits: one match per run, not per character
 
 def code_signals(text: str, marker_lines: int = 5) -> dict[str, float]:
-    "Signals of non-human-written source: longest and mean line, letters+digits share, share in base64/hex blobs, 'generated' marker."
+    """Signals of non-human-written source: longest and mean line, letters+digits share, share in base64/hex
+    blobs, 'generated' marker."""
     lines = text.split("\n")
     lengths = [len(line) for line in lines]
     blob_chars = sum(len(m) for m in _BLOB.findall(text) if not m.isalpha())  # long identifiers are not blobs

@@ -23,10 +23,15 @@ from .filters import CleanConfig, Drop, PII_KINDS, with_text
 # subtle: word boundaries are ASCII, because CJK characters are \w too and Chinese text puts no space around a number
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?=\d)(?<![A-Za-z0-9_.]){_OCTET}(?:\.{_OCTET}){{3}}(?![A-Za-z0-9_]|\.\d)")
-_VERSION_WORD = re.compile(r"(?i)(?:\b(?:version|release|ver\.?|build|rev\.?)|版本|版)\s*$")   # 'version 1.2.3.4' is no address
-_IPV6 = re.compile(r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![A-Za-z0-9_:]|\.\d)")
+# 'version 1.2.3.4' is no address
+_VERSION_WORD = re.compile(r"(?i)(?:\b(?:version|release|ver\.?|build|rev\.?)|版本|版)\s*$")
+_IPV6 = re.compile(r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"           # 2 to 7 groups, each ending in ':'
+                   r"(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"         # a last group, or an embedded IPv4
+                   r"(?![A-Za-z0-9_:]|\.\d)")
 _EMAIL = re.compile(
-    r"(?<![A-Za-z0-9_.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![A-Za-z0-9_-]|\.[A-Za-z0-9_])"
+    r"(?<![A-Za-z0-9_.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}"              # the local part
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"  # @ domain labels and a top-level domain
+    r"(?![A-Za-z0-9_-]|\.[A-Za-z0-9_])"
 )
 _PHONE = re.compile(r"""(?=[+(\d])(?<![A-Za-z0-9_+.\-/:])(?:
       \+\d{7,15}                                                        # E.164 written compactly: +14155552671
@@ -37,7 +42,9 @@ _PHONE = re.compile(r"""(?=[+(\d])(?<![A-Za-z0-9_+.\-/:])(?:
     | 1[3-9]\d[ -]?\d{4}[ -]?\d{4}                                       # Chinese mobile: 138 0013 8000, 13800138000
     )(?![A-Za-z0-9_.\-/]?\d)""", re.X)
 # a Chinese resident identity card number (GB 11643): 6-digit region, birth date, 3-digit sequence, check character
-_ID_CARD = re.compile(r"(?<![A-Za-z0-9_.])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![A-Za-z0-9_.]?\d)")
+_ID_CARD = re.compile(r"(?<![A-Za-z0-9_.])[1-9]\d{5}"                        # region
+                      r"(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # birth date YYYYMMDD
+                      r"\d{3}[\dXx](?![A-Za-z0-9_.]?\d)")                      # sequence and check character
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 
 def valid_id_card(number: str) -> bool:
@@ -50,7 +57,8 @@ def valid_id_card(number: str) -> bool:
     return "10X98765432"[remainder] == number[17].upper()
 
 # a bare 10- or 11-digit number is a phone number only where the text says so ('call 4155552671')
-_PHONE_IN_CONTEXT = re.compile(r"(?i)(?:\b(?:phone|tel|call|mobile|cell|fax|whatsapp)\b|电话|手机)[^\d\n]{0,12}?(?<![A-Za-z0-9_.])(\d{10,11})(?![A-Za-z0-9_.]?\d)")
+_PHONE_IN_CONTEXT = re.compile(r"(?i)(?:\b(?:phone|tel|call|mobile|cell|fax|whatsapp)\b|电话|手机)"  # the cue
+                               r"[^\d\n]{0,12}?(?<![A-Za-z0-9_.])(\d{10,11})(?![A-Za-z0-9_.]?\d)")
 _SECRET_PATTERNS = [
     r"\bAKIA[0-9A-Z]{16}\b",                                   # AWS access key id
     r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",                      # GitHub tokens

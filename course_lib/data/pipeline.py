@@ -514,7 +514,8 @@ def data_stage(ctx: RunContext) -> str:
     rows = "\n".join(f"| {label} | {docs:,} | {human_bytes(size)} |" for label, docs, size in funnel(stats))
     top = "\n".join(f"| {reason} | {n:,} |" for reason, n in reasons.most_common(12))
     per_language = "\n".join(f"| {r['lang']} | {r['input_docs']:,} | {human_bytes(r['input_bytes'])} | "
-                              f"{r['kept_docs']:,} | {human_bytes(r['kept_bytes'])} | {r['top_drop']} |" for r in languages)
+                              f"{r['kept_docs']:,} | {human_bytes(r['kept_bytes'])} | {r['top_drop']} |"
+                              for r in languages)
     kept, total = stats["kept"], stats["input"]
     return (
         f"{warning}Cleaned {source} in {stats['seconds']:.1f} s with {s.data_workers} process(es): kept "
