@@ -116,6 +116,21 @@ def test_hw02_grading_file_has_no_merge_step():
     assert not fails(g.test_merge_step_matches_the_trainer, good, rng=np.random.default_rng(0))
 
 
+# hw01: q4's accounts are in file bytes and must balance; the threshold it is given is the one it must use
+def test_hw01_clean_folder_wrong_variants_fail(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the grading tests write their folders into the current directory
+    g, good = grading_module("hw01_data"), solution("hw01_data")
+    def cleaned_bytes(folder, threshold=0.8):   # books kept documents by their cleaned text: no longer the input's bytes
+        result = good.clean_folder(folder, threshold)
+        result["accounts"]["kept"]["bytes"] = sum(len(t.encode()) for t in result["kept"].values())
+        return result
+    fixed = lambda folder, threshold=0.8: good.clean_folder(folder)   # ignores the threshold it is given
+    assert fails(g.test_clean_folder_accounts_balance, solution("hw01_data", clean_folder=cleaned_bytes), rng=np.random.default_rng(0))
+    assert fails(g.test_clean_folder_thresholds, solution("hw01_data", clean_folder=fixed), rng=np.random.default_rng(0))
+    for test in (g.test_clean_folder_accounts_balance, g.test_clean_folder_thresholds, g.test_clean_folder_matches_the_pipeline):
+        assert not fails(test, good, rng=np.random.default_rng(0)), test.__name__
+
+
 # hw02: the trainer's stated rules -- special tokens are never merged, and the time limit fails the textbook trainer
 def test_hw02_special_tokens_as_text_fail():
     g, good = grading_module("hw02_tokenizer"), solution("hw02_tokenizer")
