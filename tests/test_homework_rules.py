@@ -1,9 +1,12 @@
 """Issue #11: each homework's stated rules are checked, and its grading tests see what they claim. The grading tests run
 in-process here against the source's solution and against a wrong or rule-breaking variant, so each check is fast."""
 import ast
+import functools
 import importlib.util
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,12 +27,22 @@ def grading_module(hw: str):
     return module
 
 
+@functools.lru_cache(maxsize=None)
+def _executed(hw: str) -> dict:
+    "The source notebook's namespace, its cells run once in a temporary folder (experiment cells write their artifacts there)."
+    ns: dict = {}
+    with tempfile.TemporaryDirectory() as folder:
+        here = os.getcwd(); os.chdir(folder)
+        try:
+            for cell in nbformat.read(REPO / "instructor" / hw / f"{hw}.ipynb", as_version=4).cells:
+                if cell.cell_type == "code" and not cell.source.lstrip().startswith(("%", "!")): exec(cell.source, ns)
+        finally: os.chdir(here)
+    return ns
+
+
 def solution(hw: str, **replace) -> SimpleNamespace:
     "The source notebook's functions, executed in-process, with some replaced."
-    ns: dict = {}
-    for cell in nbformat.read(REPO / "instructor" / hw / f"{hw}.ipynb", as_version=4).cells:
-        if cell.cell_type == "code" and not cell.source.lstrip().startswith(("%", "!")): exec(cell.source, ns)
-    return SimpleNamespace(**{**ns, **replace})
+    return SimpleNamespace(**{**_executed(hw), **replace})
 
 
 def fails(test, student, **kw) -> bool:
@@ -101,6 +114,49 @@ def test_hw02_grading_file_has_no_merge_step():
     assert fails(g.test_merge_step_random, wrong, rng=np.random.default_rng(0))
     assert not fails(g.test_merge_step_random, good, rng=np.random.default_rng(0))
     assert not fails(g.test_merge_step_matches_the_trainer, good, rng=np.random.default_rng(0))
+
+
+# hw01: q4's accounts are in file bytes and must balance; the threshold it is given is the one it must use
+def test_hw01_clean_folder_wrong_variants_fail(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the grading tests write their folders into the current directory
+    g, good = grading_module("hw01_data"), solution("hw01_data")
+    def cleaned_bytes(folder, threshold=0.8):   # books kept documents by their cleaned text: no longer the input's bytes
+        result = good.clean_folder(folder, threshold)
+        result["accounts"]["kept"]["bytes"] = sum(len(t.encode()) for t in result["kept"].values())
+        return result
+    fixed = lambda folder, threshold=0.8: good.clean_folder(folder)   # ignores the threshold it is given
+    assert fails(g.test_clean_folder_accounts_balance, solution("hw01_data", clean_folder=cleaned_bytes), rng=np.random.default_rng(0))
+    assert fails(g.test_clean_folder_thresholds, solution("hw01_data", clean_folder=fixed), rng=np.random.default_rng(0))
+    for test in (g.test_clean_folder_accounts_balance, g.test_clean_folder_thresholds, g.test_clean_folder_matches_the_pipeline):
+        assert not fails(test, good, rng=np.random.default_rng(0)), test.__name__
+
+
+# hw02: the trainer's stated rules -- special tokens are never merged, and the time limit fails the textbook trainer
+def test_hw02_special_tokens_as_text_fail():
+    g, good = grading_module("hw02_tokenizer"), solution("hw02_tokenizer")
+    def as_text(texts, vocab_size, specials=()):  # trains on the special tokens' characters, then appends them
+        vocab, merges = good.train_bpe(texts, vocab_size - len(specials), [])
+        return {**vocab, **{len(vocab) + k: s.encode() for k, s in enumerate(specials)}}, merges
+    wrong = solution("hw02_tokenizer", train_bpe=as_text)
+    assert fails(g.test_train_bpe_never_merges_special_tokens, wrong, rng=np.random.default_rng(0))
+    assert not fails(g.test_train_bpe_never_merges_special_tokens, good, rng=np.random.default_rng(0))
+
+
+@pytest.mark.slow
+def test_hw02_time_limit_fails_the_textbook_trainer():
+    "Calling merge_step in a loop (recount everything after each merge) is right but over the stated time limit."
+    g, good = grading_module("hw02_tokenizer"), solution("hw02_tokenizer")
+    def textbook(texts, vocab_size, specials=()):
+        words = {tuple(bytes([x]) for x in w.encode()): n for w, n in good.count_pretokens(texts, specials).items()}
+        merges = []
+        while len(merges) < vocab_size - 256 - len(specials):
+            pair, words = good.merge_step(words)
+            if pair is None: break
+            merges.append(pair)
+        return good.train_bpe(texts, 256 + len(merges) + len(specials), specials)[0], merges
+    assert not fails(g.test_train_bpe_random, solution("hw02_tokenizer", train_bpe=textbook), rng=np.random.default_rng(0))
+    assert fails(g.test_train_bpe_time, solution("hw02_tokenizer", train_bpe=textbook), rng=np.random.default_rng(0))
+    assert not fails(g.test_train_bpe_time, good, rng=np.random.default_rng(0))
 
 
 # hw03: the reference is not the fused kernel the homework forbids; the repeat-KV edge test probes every position
