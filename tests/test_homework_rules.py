@@ -255,3 +255,31 @@ def test_every_spelling_of_a_forbidden_function_is_refused_in_the_sandbox():
     assert len(static) == 11
     for code in static:   # the grader's scan names each plain spelling before anything runs (a module built on one, at runtime only)
         assert rule_violations([f"import torch, torch.nn.functional as F\n{code}"], {**hw03.FORBIDDEN, **hw04.FORBIDDEN}), code
+# hw05 and hw10: the experiment questions check the numbers, not just that files exist
+def test_hw05_rank_sweep_rejects_impossible_and_untrained_losses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g, good = grading_module("hw05_finetune"), solution("hw05_finetune")
+    def scaled(factor, floor=0.0):
+        def sweep(w0, delta, x, ranks=(1, 2, 4, 8), steps=200, **kw):
+            result = good.rank_sweep(w0, delta, x, ranks=ranks, steps=steps, **kw)
+            result["relative_loss"] = [max(l * factor, floor) for l in result["relative_loss"]]
+            (tmp_path / "rank_sweep.json").write_text(__import__("json").dumps(result))
+            return result
+        return sweep
+    assert not fails(g.test_rank_sweep_reaches_the_eckart_young_bound, good, rng=np.random.default_rng(0))
+    assert fails(g.test_rank_sweep_reaches_the_eckart_young_bound, solution("hw05_finetune", rank_sweep=scaled(0.5)), rng=np.random.default_rng(0))
+    assert fails(g.test_rank_sweep_reaches_the_eckart_young_bound, solution("hw05_finetune", rank_sweep=scaled(1.0, 0.5)), rng=np.random.default_rng(0))
+    assert rule_violations(["import bitsandbytes.functional as F\nq = F.quantize_4bit(w)"], g.FORBIDDEN)
+
+
+def test_hw10_chunk_sweep_is_recomputed_and_bm25s_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g, good = grading_module("hw10_rag"), solution("hw10_rag")
+    def perfect(docs, questions, sizes=(40,), k=3):
+        result = good.chunk_size_sweep(docs, questions, sizes=sizes, k=k)
+        result["recall"] = [1.0] * len(result["recall"])
+        (tmp_path / "chunk_sweep.json").write_text(__import__("json").dumps(result))
+        return result
+    assert not fails(g.test_chunk_size_sweep_matches_the_library, good, rng=np.random.default_rng(0))
+    assert fails(g.test_chunk_size_sweep_matches_the_library, solution("hw10_rag", chunk_size_sweep=perfect), rng=np.random.default_rng(0))
+    assert rule_violations(["import bm25s\nbm25s.BM25().index(docs)"], g.FORBIDDEN)
