@@ -1,9 +1,10 @@
 """Every lab runs end to end at the ci tier, executed like a student would run it (a Jupyter kernel, cwd labs/).
 
-Each lab runs in a private copy of the course layout (tmp/labs/LAB.ipynb, so its `../runs` is tmp/runs):
+Each lab runs in a private copy of the course layout (tmp/labs/LAB.ipynb, so its `../runs` is tmp/runs, with the course's settings.ini in tmp):
 labs never read another lab's outputs while `pytest -n 2` runs them at once, and each builds what it needs
 (a lab falls back to the embedded corpus when the earlier lab's run folder is absent). A lab's checks print
 PASS or FAIL; the shipped defaults must all pass."""
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -26,6 +27,7 @@ def _printed(nb) -> str:
 def _execute(nb, tmp_path, lab: str):
     cwd = tmp_path / "labs"
     cwd.mkdir()
+    shutil.copy2(REPO / "settings.ini", tmp_path)          # the course's settings, so $CAMP_TIER picks its tier as in a clone
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
     try:
         client.execute()
