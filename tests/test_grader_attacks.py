@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib.grading import Limits, grade
+from course_lib.grading import Limits, format_grade, grade
 from course_lib import core
 from course_lib.confine import library_copies
 from course_lib.sandbox import isolation
@@ -161,3 +161,6 @@ def test_without_namespaces_the_grade_names_what_is_not_guaranteed(tmp_path, mon
     result = grade(SOURCE, limits=Limits(timeout_s=240), out=tmp_path / "grade.json")
     assert result["points"] == result["max_points"] == 10, result["problems"]
     assert {"network", "hide", "cleanup"} <= set(result["isolation_missing"])
+    assert result["isolation_reason"] == "CAMP_SANDBOX_NAMESPACES=0 turned them off"
+    text = format_grade(result)
+    assert "! namespaces unavailable: CAMP_SANDBOX_NAMESPACES=0 turned them off" in text and "! not guaranteed on this machine: no network access" in text
