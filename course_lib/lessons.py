@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #bc2d863d
+# %% ../nbs/93_lessons.ipynb #f989f586
 import html
 import json
 import os
@@ -26,13 +26,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #ebeb98d9
+try: import tomllib
+except ModuleNotFoundError: tomllib = None   # subtle: Python 3.10 has no tomllib; the default flags then apply
+
+# %% ../nbs/93_lessons.ipynb #5e9820a1
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +54,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #099efaae
+# %% ../nbs/93_lessons.ipynb #f7a82dda
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -67,7 +69,7 @@ def cell_flags(source: str) -> set[str]:
 def skip_flags(root: str | Path = ".") -> set[str]:
     "The flags whose cells a course run skips: pyproject's [tool.nbdev] tst_flags (default gpu, slow), and eval: false."
     pyproject = Path(root) / "pyproject.toml"
-    config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("nbdev", {}) if pyproject.is_file() else {}
+    config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("nbdev", {}) if tomllib and pyproject.is_file() else {}
     return set(config.get("tst_flags", "slow gpu").split()) | {"eval: false"}
 
 def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
@@ -79,7 +81,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #b5b88c16
+# %% ../nbs/93_lessons.ipynb #334659f7
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -119,7 +121,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #ee7271bf
+# %% ../nbs/93_lessons.ipynb #59449db9
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,7 +160,7 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #7ce6e15d
+# %% ../nbs/93_lessons.ipynb #2c1c087c
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
@@ -180,7 +182,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #377cf1af
+# %% ../nbs/93_lessons.ipynb #eb0ba424
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -222,7 +224,7 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #3dc4f424
+# %% ../nbs/93_lessons.ipynb #446dad6a
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
 
 def _first_line(source: str) -> str:
@@ -262,7 +264,7 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #3af2428d
+# %% ../nbs/93_lessons.ipynb #4f53976f
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
