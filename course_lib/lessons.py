@@ -15,7 +15,7 @@ __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
            'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
 
-# %% ../nbs/93_lessons.ipynb #bc2d863d
+# %% ../nbs/93_lessons.ipynb #e17d1200
 import html
 import json
 import os
@@ -26,13 +26,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .core import atomic_path, human_bytes
 
-# %% ../nbs/93_lessons.ipynb #ebeb98d9
+try: import tomllib
+except ModuleNotFoundError: tomllib = None   # subtle: Python 3.10 has no tomllib; the default flags then apply
+
+# %% ../nbs/93_lessons.ipynb #7e643491
 TOOLS_FROM = 90   # notebooks numbered 90 and up are the course's tools, listed after the lessons
 
 def notebook_number(path: str | Path) -> str:
@@ -52,7 +54,7 @@ def lesson_paths(names: list[str] = (), root: str | Path = ".", folder: str = "n
         chosen += [p for p in match if p not in chosen]
     return sorted(chosen)
 
-# %% ../nbs/93_lessons.ipynb #099efaae
+# %% ../nbs/93_lessons.ipynb #5fe731df
 SKIP_TAG = "skip-execution"   # nbclient does not run a cell carrying this tag
 SETUP = "import matplotlib\nmatplotlib.rcParams['figure.dpi'] = 80"   # run first, then removed: small, sharp PNGs
 
@@ -67,7 +69,7 @@ def cell_flags(source: str) -> set[str]:
 def skip_flags(root: str | Path = ".") -> set[str]:
     "The flags whose cells a course run skips: pyproject's [tool.nbdev] tst_flags (default gpu, slow), and eval: false."
     pyproject = Path(root) / "pyproject.toml"
-    config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("nbdev", {}) if pyproject.is_file() else {}
+    config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("nbdev", {}) if tomllib and pyproject.is_file() else {}
     return set(config.get("tst_flags", "slow gpu").split()) | {"eval: false"}
 
 def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
@@ -79,7 +81,7 @@ def kernel_env(root: str | Path = ".", tier: str = "cpu") -> dict[str, str]:
     if (root / "settings.ini").is_file(): env["CAMP_SETTINGS"] = str(root / "settings.ini")
     return env
 
-# %% ../nbs/93_lessons.ipynb #b5b88c16
+# %% ../nbs/93_lessons.ipynb #e9e597fc
 def _cell_seconds(cell) -> float:
     "Seconds a cell ran, from nbclient's execution timestamps (0 for a cell that did not run)."
     stamps = cell.get("metadata", {}).get("execution", {})
@@ -95,7 +97,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
     naming the notebook and cell if one fails."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     skip = skip_flags(root)
@@ -109,8 +111,11 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
     start = time.perf_counter()
     try:
         client.execute(env=kernel_env(root, tier))
-    except CellExecutionError as e:
-        raise RuntimeError(f"{path} failed at the {tier!r} tier:\n{str(e)[-3000:]}") from None
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:   # a cell raised, ran past `timeout`, or killed the kernel
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))                        # no terminal colours in a report
+        lines = [l for l in text.splitlines() if l.strip()] or [""]
+        summary = lines[-1] if isinstance(e, CellExecutionError) else f"{type(e).__name__}: {lines[0]}"
+        raise RuntimeError(f"{path} failed at the {tier!r} tier: {summary}\n{text[-3000:]}") from None
     seconds = time.perf_counter() - start
     nb.cells.pop(0)
     for cell in nb.cells:
@@ -119,7 +124,7 @@ def execute_notebook(path: str | Path, root: str | Path = ".", tier: str = "cpu"
         else: cell.metadata.pop("tags", None)
     return nb, seconds, [_cell_seconds(c) for c in nb.cells]
 
-# %% ../nbs/93_lessons.ipynb #ee7271bf
+# %% ../nbs/93_lessons.ipynb #c5413727
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 def machine_paths(root: str | Path = ".") -> list[tuple[str, str]]:
@@ -158,7 +163,7 @@ def clean_outputs(nb, root: str | Path = ".") -> dict:
         stats["kept"] += len(kept)
     return stats
 
-# %% ../nbs/93_lessons.ipynb #7ce6e15d
+# %% ../nbs/93_lessons.ipynb #8dfcfbc5
 def _nbdev_clean(path: Path) -> None:
     "Run nbdev-clean (the clean gate's tool) on one notebook."
     tool = Path(sys.executable).with_name("nbdev-clean")
@@ -180,7 +185,7 @@ def refresh_lessons(names: list[str] = (), root: str | Path = ".", tier: str = "
             f"{human_bytes(stats['image_bytes'])} of images")
     return rows
 
-# %% ../nbs/93_lessons.ipynb #377cf1af
+# %% ../nbs/93_lessons.ipynb #d0058465
 def notebook_title(nb) -> str:
     "The first Markdown heading of a notebook, without the '#'s ('' if none)."
     for cell in nb.cells:
@@ -222,7 +227,7 @@ def build_html(names: list[str] = (), root: str | Path = ".", out: str | Path = 
     (site / "index.html").write_text(_index_page(pages), encoding="utf-8")
     return site / "index.html"
 
-# %% ../nbs/93_lessons.ipynb #3dc4f424
+# %% ../nbs/93_lessons.ipynb #0f0a5171
 LIMIT_S = 120   # the course's promise: a lesson runs in under two minutes at the cpu tier
 
 def _first_line(source: str) -> str:
@@ -236,7 +241,7 @@ def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
     try:
         nb, seconds, per_cell = execute_notebook(path, root, tier, cwd=cwd)
     except RuntimeError as e:
-        return row | {"seconds": None, "error": str(e).splitlines()[-1][:200]}
+        return row | {"seconds": None, "error": str(e).splitlines()[0].split(" tier: ", 1)[-1][:200]}
     slowest = sorted(range(len(per_cell)), key=per_cell.__getitem__, reverse=True)[:3]
     return row | {"seconds": round(seconds, 1),
                   "slowest_cells": [[nb.cells[i].get("id", str(i)), round(per_cell[i], 1), _first_line(nb.cells[i].source)] for i in slowest]}
@@ -262,7 +267,7 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "load_average": round(max(load), 1), "noisy": max(load) > 0.75 * (os.cpu_count() or 1),
             "limit_s": LIMIT_S, "rows": rows}
 
-# %% ../nbs/93_lessons.ipynb #3af2428d
+# %% ../nbs/93_lessons.ipynb #2b664b5c
 MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
 
 def timing_table(result: dict) -> str:
