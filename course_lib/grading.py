@@ -24,6 +24,7 @@ __all__ = ['GradingTimeout', 'MAX_RESTARTS', 'BEGIN', 'END', 'Limits', 'rule_vio
 import ast
 import csv
 import ctypes
+import importlib
 import io
 import json
 import os
@@ -128,6 +129,12 @@ def _short_message(report) -> str:
 # %% ../nbs/91_grading.ipynb #1ec1a635
 MAX_RESTARTS = 3   # fresh student processes after the first one dies
 
+def _exists(dotted: str) -> bool:
+    "Whether the dotted name `package.module.attribute` can be imported here."
+    module, _, name = dotted.rpartition(".")
+    try: return hasattr(importlib.import_module(module), name)
+    except (ImportError, ValueError): return False
+
 class _GradingPlugin:
     "Reports the plan, runs the notebook in a sandbox once collection is done, provides fixtures, reports results."
     def __init__(self, spec: dict, send):
@@ -148,6 +155,10 @@ class _GradingPlugin:
     def pytest_collection_finish(self, session):
         self.sources = [c.source for c in nbformat.read(self.spec["notebook"], as_version=4).cells if c.cell_type == "code"]
         for line in rule_violations(self.sources, self.forbidden): self.send(type="violation", where=line)
+        if unknown := [name for name in self.references if not _exists(name)]:   # a typo would silently leave an answer in reach
+            self.why_not, self.stopped = f"the grading tests' REFERENCES name what course_lib does not have: {', '.join(unknown)}", True
+            self.send(type="stopped", why=self.why_not)
+            return
         self._start()
 
     def _start(self) -> None:

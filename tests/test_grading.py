@@ -160,3 +160,14 @@ def test_a_process_that_keeps_dying_stops_after_max_restarts(tmp_path):
     assert all(f"died {MAX_RESTARTS + 1} times" in t["message"] for t in tests[MAX_RESTARTS + 1:]), tests
     assert sum("died during" in p for p in result["problems"]) == MAX_RESTARTS + 1
     assert f"the notebook's process died {MAX_RESTARTS + 1} times; the remaining tests were not run" in result["problems"]
+
+
+def test_a_reference_that_does_not_exist_stops_the_grade_with_its_name(tmp_path):
+    "An instructor's typo in REFERENCES would leave the answer importable: the grade stops and names it instead."
+    homework = tmp_path / "instructor" / "hw00_core"
+    shutil.copytree(REPO / "instructor" / "hw00_core", homework)
+    tests = homework / "grading" / "test_hw00.py"
+    tests.write_text(tests.read_text().replace('"course_lib.core.human_bytes"', '"course_lib.core.human_bytez"', 1))
+    result = grade(homework / "hw00_core.ipynb", homework, limits=Limits(timeout_s=120), out=tmp_path / "grade.json")
+    assert result["points"] == 0
+    assert any("course_lib.core.human_bytez" in t["message"] for q in result["questions"] for t in q["tests"]), result

@@ -177,3 +177,24 @@ def test_the_unprivileged_path(namespaces):
             assert got["namespaces"] == user_ns, (user_ns, got)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_reference_re_exported_by_a_package_is_refused_under_every_import_path(tmp_path):
+    "hw01 names `course_lib.data.quality_signals`; it is defined in `course_lib.data.filters`, and both spellings must refuse."
+    from course_lib.sandbox import Session
+    with Session(redact={"course_lib.data.quality_signals": "write it yourself"}) as s:
+        out = s.run("import course_lib.data as d, course_lib.data.filters as f\n"
+                    "for g in (d.quality_signals, f.quality_signals):\n"
+                    "    try: g('a b c'); print('ALLOWED')\n"
+                    "    except PermissionError: print('refused')\n")
+        printed, _ = s.output()
+    assert out["error"] is None and printed.split() == ["refused", "refused"], (out, printed)
+
+
+def test_a_bare_top_level_module_can_be_forbidden():
+    from course_lib.sandbox import Session
+    with Session() as s:
+        assert s.forbid({"json": "write your own serialiser"}) == []
+        s.run("import json\ntry: json.dumps(1); print('ALLOWED')\nexcept PermissionError as e: print('refused:', e)")
+        printed, _ = s.output()
+    assert "refused: json is not allowed here: write your own serialiser" in printed and "ALLOWED" not in printed

@@ -12,7 +12,6 @@ REFERENCES = ["course_lib.tokenizer.count_pretokens", "course_lib.tokenizer.pair
               "course_lib.tokenizer.bpe_merges", "course_lib.tokenizer.train_bpe", "course_lib.tokenizer.train_bpe_naive",
               "course_lib.tokenizer.Tokenizer", "course_lib.tokenizer.truncate", "course_lib.tokenizer.bytes_per_token",
               "course_lib.tokenizer.compression_curve"]
-REFERENCES += [name.replace("course_lib.tokenizer.", "course_lib.bpe.") for name in REFERENCES]   # the trainer's own module (02a)
 
 PIECES = ["a", "b", "ab", "the", " the", " ", "  ", "\n", "\t", "'s", "'ll", "1", "42", "!", "?!", ",", "é", "你", "好", "🙂",
           "<|endoftext|>", "<|end", "|>", "<|im_start|>"]
