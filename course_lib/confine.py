@@ -262,6 +262,11 @@ def _block_kernels(name: str, why: str) -> None:
             keys = [k for k in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{qualified}", k)]
             for key in (["CompositeImplicitAutograd"] if "CompositeImplicitAutograd" in keys else keys): lib.impl(qualified, refuse, key)
 
+def _forbidden_class(cls: type, name: str, why: str) -> type:
+    "A subclass of `cls` that refuses to be built: a library can still subclass it when imported, but no instance is ever made."
+    def __init__(self, *args, **kwargs): raise PermissionError(f"{name} is not allowed here: {why}")
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
 def forbid(names: dict[str, str]) -> list[str]:
     "In this process, make each dotted name (a function or a module) refuse to run, whatever its spelling; returns the names not found."
     missing, modules = [], {}
@@ -272,7 +277,7 @@ def forbid(names: dict[str, str]) -> list[str]:
             target = getattr(parent, attr, _Forbidden) if parent else importlib.import_module(dotted)
         except ImportError: missing.append(dotted); continue
         if target is _Forbidden: missing.append(dotted); continue
-        stand_in = _Forbidden(dotted, why)
+        stand_in = _forbidden_class(target, dotted, why) if isinstance(target, type) else _Forbidden(dotted, why)
         if isinstance(target, types.ModuleType):
             modules[dotted] = why
             for name in [n for n in sys.modules if n == dotted or n.startswith(dotted + ".")]: sys.modules[name] = stand_in

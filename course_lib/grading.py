@@ -178,6 +178,9 @@ class _GradingPlugin:
             os.chdir(self.session.work)  # tests may read what the notebook wrote
         except (SandboxDied, SandboxTimeout) as e:
             self.why_not, self.stopped = str(e), True; self.send(type="stopped", why=str(e))
+        except Exception as e:   # the sandbox could not be set up (e.g. a rule that breaks an import): say so, never a silent stop
+            self.why_not, self.stopped = f"setting up the sandbox failed: {type(e).__name__}: {e}", True
+            self.send(type="stopped", why=self.why_not)
 
     def restart(self, during: str) -> None:
         "The student's process died: start a fresh one and re-run the notebook, or stop after MAX_RESTARTS."

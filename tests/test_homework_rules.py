@@ -27,15 +27,18 @@ def grading_module(hw: str):
     return module
 
 
+EXPERIMENT = "# The experiment"   # the first line of a cell that runs a homework's (slow) experiment: not run here
+
+
 @functools.lru_cache(maxsize=None)
 def _executed(hw: str) -> dict:
-    "The source notebook's namespace, its cells run once in a temporary folder (experiment cells write their artifacts there)."
+    "The source notebook's namespace, its cells run once in a temporary folder (experiment cells that still run write there)."
     ns: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         here = os.getcwd(); os.chdir(folder)
         try:
             for cell in nbformat.read(REPO / "instructor" / hw / f"{hw}.ipynb", as_version=4).cells:
-                if cell.cell_type == "code" and not cell.source.lstrip().startswith(("%", "!")): exec(cell.source, ns)
+                if cell.cell_type == "code" and not cell.source.lstrip().startswith(("%", "!", EXPERIMENT)): exec(cell.source, ns)
         finally: os.chdir(here)
     return ns
 
@@ -283,3 +286,62 @@ def test_hw10_chunk_sweep_is_recomputed_and_bm25s_is_refused(tmp_path, monkeypat
     assert not fails(g.test_chunk_size_sweep_matches_the_library, good, rng=np.random.default_rng(0))
     assert fails(g.test_chunk_size_sweep_matches_the_library, solution("hw10_rag", chunk_size_sweep=perfect), rng=np.random.default_rng(0))
     assert rule_violations(["import bm25s\nbm25s.BM25().index(docs)"], g.FORBIDDEN)
+def variant(hw: str, old: str, new: str) -> SimpleNamespace:
+    "The source notebook's functions with one piece of its solution replaced (a plausible student mistake)."
+    ns: dict = {}
+    cells = [c.source for c in nbformat.read(REPO / "instructor" / hw / f"{hw}.ipynb", as_version=4).cells
+             if c.cell_type == "code" and c.source.lstrip().startswith(("def ", "import", "from"))]   # definitions: no checks, no experiment
+    assert sum(old in c for c in cells) == 1, f"{old!r} is not in exactly one cell of {hw}"
+    for source in cells: exec(source.replace(old, new), ns)
+    return SimpleNamespace(**ns)
+
+
+# hw03: each mistake in the whole forward costs its points
+@pytest.mark.parametrize("old,new", [
+    ('return rms_norm(x, weights["norm.weight"], eps) @ head.T', "return x @ head.T"),                  # no final norm
+    ("q, k = apply_rope(q, positions, config[\"rope_theta\"]), apply_rope(k, positions, config[\"rope_theta\"])",
+     "q = apply_rope(q, positions, config[\"rope_theta\"])"),                                            # keys not rotated
+    ('head = weights["embed_tokens.weight"] if config["tie_embeddings"] else weights["lm_head.weight"]',
+     'head = weights.get("lm_head.weight", weights["embed_tokens.weight"]).flip(0) if not config["tie_embeddings"] '
+     'else weights["embed_tokens.weight"]'),                                                             # the untied head misused
+])
+def test_hw03_forward_mistakes_fail(old, new):
+    g = grading_module("hw03_model")
+    wrong = variant("hw03_model", old, new)
+    assert any(fails(test, wrong, rng=np.random.default_rng(0)) for test in (g.test_forward_matches_library, g.test_forward_edge_cases))
+    assert not fails(g.test_forward_matches_library, solution("hw03_model"), rng=np.random.default_rng(0))
+
+
+def test_hw03_untied_head_is_probed():
+    g = grading_module("hw03_model")
+    wrong = variant("hw03_model", 'head = weights["embed_tokens.weight"] if config["tie_embeddings"] else weights["lm_head.weight"]',
+                    'head = weights["embed_tokens.weight"]')
+    assert fails(g.test_forward_edge_cases, wrong, rng=np.random.default_rng(0))
+
+
+# hw04: each thing a checkpoint must carry is needed, and the reference loop sees the loop's details
+HW04_MISTAKES = {
+    "data position": ('rng.bit_generator.state = state["rng"]', "pass"),
+    "optimizer moments": ('moments = {name: (m, v) for name, (m, v) in state["moments"].items()}', "pass"),
+    "step count": ('done = state["step"]', "done = 0; losses_offset = state['step']"),
+}
+
+
+@pytest.mark.parametrize("what", HW04_MISTAKES)
+def test_hw04_resume_without_each_part_fails(what, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g, wrong = grading_module("hw04_pretrain"), variant("hw04_pretrain", *HW04_MISTAKES[what])
+    assert fails(g.test_resume_equals_the_uninterrupted_run, wrong, rng=np.random.default_rng(0)), what
+    assert not fails(g.test_resume_equals_the_uninterrupted_run, solution("hw04_pretrain"), rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("old,new", [
+    ("decay = weight_decay if p.ndim >= 2 else 0.0", "decay = weight_decay"),              # the norm gains decayed too
+    ("torch.nn.utils.clip_grad_norm_(model.parameters(), clip)", "pass"),                 # no clipping
+    ("lr = cosine_lr(s, max_lr, warmup_steps, steps)", "lr = max_lr"),                    # no schedule
+])
+def test_hw04_loop_details_are_checked_against_the_reference(old, new, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = grading_module("hw04_pretrain")
+    assert fails(g.test_train_matches_the_reference_loop, variant("hw04_pretrain", old, new), rng=np.random.default_rng(0))
+    assert not fails(g.test_train_matches_the_reference_loop, solution("hw04_pretrain"), rng=np.random.default_rng(0))

@@ -198,3 +198,15 @@ def test_a_bare_top_level_module_can_be_forbidden():
         s.run("import json\ntry: json.dumps(1); print('ALLOWED')\nexcept PermissionError as e: print('refused:', e)")
         printed, _ = s.output()
     assert "refused: json is not allowed here: write your own serialiser" in printed and "ALLOWED" not in printed
+
+
+def test_a_forbidden_class_can_still_be_subclassed_by_a_library_but_never_built():
+    "hw03 forbids nn.Linear; transformers subclasses it at import, which must still work, while building one refuses."
+    from course_lib.sandbox import Session
+    with Session() as s:
+        assert s.forbid({"torch.nn.Linear": "write the matmul yourself"}) == []
+        out = s.run("import torch\nclass Mine(torch.nn.Linear): pass\n"
+                    "for build in (lambda: torch.nn.Linear(2, 2), lambda: Mine(2, 2)):\n"
+                    "    try: build(); print('ALLOWED')\n    except PermissionError as e: print('refused:', e)")
+        printed, _ = s.output()
+    assert out["error"] is None and printed.count("refused: torch.nn.Linear is not allowed here") == 2 and "ALLOWED" not in printed

@@ -1,14 +1,28 @@
-"""Grading tests for hw03: each compares the student's function with course_lib.model on fresh random inputs and weights."""
+"""Grading tests for hw03: the block's pieces and the whole decoder forward against course_lib.model and transformers'
+Llama on fresh random configs, inputs and weights; the experiment's artifact is checked for plausible ranges."""
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from course_lib import model as ref
 
 REFERENCES = ["course_lib.model.RMSNorm", "course_lib.model.SwiGLU", "course_lib.model.apply_rope", "course_lib.model.rope_cos_sin",
-              "course_lib.model.rotate_half", "course_lib.model.reference_attention", "course_lib.model.sdpa_attention"]
+              "course_lib.model.rotate_half", "course_lib.model.reference_attention", "course_lib.model.sdpa_attention",
+              "course_lib.model.Attention", "course_lib.model.Block", "course_lib.model.Decoder", "course_lib.model.LMHead",
+              "course_lib.model.from_hf", "course_lib.model.load_hf_state_dict"]
 _ATTENTION, _NORM = "hw03 asks you to write attention yourself", "hw03 asks you to write RMSNorm yourself"
-FORBIDDEN = {"torch.nn.functional.scaled_dot_product_attention": _ATTENTION, "torch._C._nn.scaled_dot_product_attention": _ATTENTION,
-             "torch.nn.functional.rms_norm": _NORM, "torch.rms_norm": _NORM}
+_MATMUL, _HF = "hw03 asks you to write the projections as matrix products", "hw03 asks you to write the forward yourself"
+# transformers first: the sandbox imports it to replace these names, and its import subclasses nn.Linear
+FORBIDDEN = {"transformers.LlamaForCausalLM": _HF, "transformers.LlamaModel": _HF,
+             "torch.nn.functional.scaled_dot_product_attention": _ATTENTION, "torch._C._nn.scaled_dot_product_attention": _ATTENTION,
+             "torch.nn.functional.rms_norm": _NORM, "torch.rms_norm": _NORM, "torch.nn.Linear": _MATMUL,
+             "torch.nn.functional.linear": _MATMUL, "torch._C._nn.linear": _MATMUL}
 
 
 def randn(rng, *shape, dtype=torch.float32):
@@ -102,3 +116,111 @@ def test_attention_random(student, rng):
         b, t, d = int(rng.integers(1, 3)), int(rng.integers(1, 16)), int(rng.integers(2, 17))
         q, k, v = randn(rng, b, h, t, d), randn(rng, b, kv, t, d), randn(rng, b, kv, t, d)
         torch.testing.assert_close(student.causal_attention(q, k, v), attention64(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def random_decoder(rng, tie: bool | None = None) -> ref.Decoder:
+    "A library decoder with a freshly drawn shape and weights (norm gains too), routed through the written-out attention."
+    kv = int(rng.integers(1, 4)); heads = kv * int(rng.integers(1, 4)); head_dim = 2 * int(rng.integers(1, 9))
+    cfg = ref.ModelConfig(vocab_size=int(rng.integers(5, 200)), d_model=heads * head_dim, n_layers=int(rng.integers(1, 4)),
+                          n_heads=heads, n_kv_heads=kv, d_ff=int(rng.integers(4, 80)), max_seq_len=64,
+                          rope_theta=float(rng.choice([100.0, 10_000.0, 500_000.0])), norm_eps=float(rng.choice([1e-6, 1e-5])),
+                          tie_embeddings=bool(rng.random() < 0.5) if tie is None else tie, init_std=float(rng.uniform(0.1, 0.5)))
+    model = ref.Decoder(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters(): p.copy_(randn(rng, *p.shape) * (0.3 if p.ndim == 1 else cfg.init_std) + (p.ndim == 1))
+    model.set_reference_attention(True)
+    return model
+
+
+def weights_of(model: ref.Decoder) -> tuple[dict, dict]:
+    "What crosses the pipe: the library's tensor names (no lm_head.weight when the head is tied) and the config's fields."
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings: del sd["lm_head.weight"]
+    return sd, dataclasses.asdict(model.cfg)
+
+
+def random_ids(rng, vocab: int) -> torch.Tensor:
+    return torch.from_numpy(rng.integers(0, vocab, size=(int(rng.integers(1, 4)), int(rng.integers(1, 20))))).long()
+
+
+@pytest.mark.question("q5 decoder_forward", points=2)
+def test_forward_edge_cases(student, rng):
+    "Zero projections make every block the identity: logits are the final norm of the embeddings times the head, by hand."
+    for tie in (True, False):
+        model = random_decoder(rng, tie=tie)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith("layers.") and p.ndim == 2: p.zero_()
+        weights, config = weights_of(model)
+        idx = random_ids(rng, config["vocab_size"])
+        x = weights["embed_tokens.weight"].double()[idx]                                              # (b, t, d)
+        x = x / (x.pow(2).mean(-1, keepdim=True) + config["norm_eps"]).sqrt() * weights["norm.weight"].double()
+        head = weights["embed_tokens.weight"] if tie else weights["lm_head.weight"]
+        want = (x @ head.double().T).float()                                                          # (b, t, vocab)
+        got = student.decoder_forward(weights, config, idx)
+        assert got.shape == want.shape, f"logits shape {tuple(got.shape)}, expected (batch, time, vocab) {tuple(want.shape)}"
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4,
+                                   msg=f"tie_embeddings={tie}: with every block's projections zero the blocks are the identity")
+
+
+@pytest.mark.question("q5 decoder_forward", points=4)
+def test_forward_matches_library(student, rng):
+    for _ in range(6):
+        model = random_decoder(rng)
+        idx = random_ids(rng, model.cfg.vocab_size)
+        got = student.decoder_forward(*weights_of(model), idx)
+        with torch.no_grad(): want = model(idx)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"config {model.cfg}")
+
+
+@pytest.mark.question("q5 decoder_forward", points=2)
+def test_forward_matches_transformers(student, rng):
+    "The library's export loaded by transformers, and a Llama transformers initialised itself: both forwards are the reference."
+    for exported in (True, False):
+        model = random_decoder(rng)
+        config, idx = dataclasses.asdict(model.cfg), random_ids(rng, model.cfg.vocab_size)
+        if exported:
+            got = student.decoder_forward(*weights_of(model), idx)             # the tensors the export writes, Llama's names
+            from transformers import AutoModelForCausalLM
+            with tempfile.TemporaryDirectory() as folder:
+                ref.export_hf(model, folder)
+                hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+        else:
+            from transformers import AutoModelForCausalLM, LlamaConfig
+            torch.manual_seed(int(rng.integers(0, 2**31)))
+            fields = {k: v for k, v in ref.hf_config(model.cfg).items() if k not in ("architectures", "model_type")}
+            hf = AutoModelForCausalLM.from_config(LlamaConfig(**fields), dtype=torch.float32).eval()
+            with torch.no_grad():
+                for p in hf.parameters(): p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
+            weights = {k.removeprefix("model."): v.detach().clone() for k, v in hf.state_dict().items()
+                       if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+            got = student.decoder_forward(weights, config, idx)
+        with torch.no_grad(): want = hf(idx).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4,
+                                   msg=f"{'exported' if exported else 'transformers-initialised'} Llama, config {config}")
+
+
+EXPERIMENT = Path("attention_scaling.json"), Path("attention_scaling.png")
+
+
+@pytest.mark.question("q6 experiment: attention cost vs sequence length", points=1)
+def test_attention_scaling_function(student):
+    result = student.attention_scaling([8, 16], batch=2, heads=2, head_dim=4, repeats=1)
+    assert [int(t) for t in result["seq_len"]] == [8, 16]
+    assert [int(b) for b in result["score_bytes"]] == [2 * 2 * 8 * 8 * 4, 2 * 2 * 16 * 16 * 4], "one float32 (b, h, t, t) score matrix"
+    assert all(0 < s < 10 for s in result["seconds"]), result["seconds"]
+
+
+@pytest.mark.question("q6 experiment: attention cost vs sequence length", points=2)
+def test_attention_scaling_artifact(student):
+    student.attention_scaling([8], batch=1, heads=1, head_dim=2, repeats=1)   # the function runs (an untouched one says so)
+    data, png = EXPERIMENT
+    assert data.is_file() and png.is_file(), f"the experiment cell writes {data} and {png} next to the notebook"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000, f"{png} is not a plot saved as PNG"
+    result = json.loads(data.read_text())
+    t, s = np.array(result["seq_len"], dtype=float), np.array(result["seconds"], dtype=float)
+    assert len(t) >= 4 and np.all(np.diff(t) > 0) and t.max() >= 1024, "at least 4 increasing lengths, up to 1024 or more"
+    assert np.all(np.isfinite(s)) and np.all(s > 0) and s.max() < 60, f"seconds out of range: {s}"
+    long = t >= 256
+    slope = np.polyfit(np.log(t[long]), np.log(s[long]), 1)[0]
+    assert 1.0 < slope < 3.5, f"time grows like T^{slope:.2f} from 256 tokens on; written-out attention is close to T^2"
