@@ -8,8 +8,8 @@ is Chinchilla's rule (Hoffmann et al. 2022): at compute C the best model has abo
 parameters, i.e. D = 20 tokens per parameter; the table says which of the three came closest and which
 won. Writes nbs/images/scaling.json and nbs/images/scaling.png, which the chapter-4 lesson shows.
 
-    .venv/bin/python benchmarks/bench_scaling.py                 # ~1-2 minutes on 2 quiet cores
-    .venv/bin/python benchmarks/bench_scaling.py --flops 4e11    # a bigger budget: N_opt moves up
+    .venv/bin/python benchmarks/bench_scaling.py                 # about a minute on 2 quiet cores
+    .venv/bin/python benchmarks/bench_scaling.py --flops 1e11    # a bigger budget: N_opt moves up
 Ends with one JSON line.
 """
 import argparse
@@ -36,15 +36,16 @@ SIZES = {   # three shapes, each about 5x the parameters of the one before (voca
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flops", type=float, default=1e11, help="compute budget per model, 6·N·D")
+    ap.add_argument("--flops", type=float, default=1e10, help="compute budget per model, 6·N·D")
     ap.add_argument("--corpus-bytes", type=int, default=4_000_000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "nbs" / "images" / "scaling"),
                     help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     tokens = write_byte_tokens(embedded_corpus("code,prose", max_bytes=args.corpus_bytes), tmp / "tokens", 0.05)
     per_step = args.batch * args.seq
@@ -92,7 +93,7 @@ def plot(result: dict, png: Path):
     for r in result["models"]:
         xs, ys = zip(*r["curve"])
         ax.plot(xs, [y / math.log(2) for y in ys], "o-", ms=3,
-                label=f"{r['name']}: {r['params'] / 1e3:.0f}k params, {r['tokens_per_param']:.0f} tok/param")
+                label=f"{r['name']}: {r['params'] / 1e3:.0f}k params, {r['tokens_per_param']:.2g} tokens/param")
     ax.set_xscale("log"); ax.set_xlabel("training compute so far, 6·N·D (FLOPs)"); ax.set_ylabel("validation bits per byte")
     ax.set_title(f"Equal compute {result['flops']:.1g} FLOPs; Chinchilla N_opt ≈ {result['chinchilla_n_opt'] / 1e3:.0f}k params")
     ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(png, dpi=110)
