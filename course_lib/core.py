@@ -130,7 +130,7 @@ class Settings:
     # corpus (chapter 0)
     corpus: str = "embedded"          # 'embedded' or a directory of text/JSONL/Parquet files
     corpus_max_bytes: int = 4_000_000 # slice of the corpus a run reads (0 = all of it)
-    corpus_kinds: str = "code,prose"  # which kinds of embedded document to read
+    corpus_kinds: str = "code,prose,zh"  # which kinds of embedded document to read (zh needs the data extra)
     val_fraction: float = 0.05        # share of documents held out for validation
     # data cleaning (chapter 1)
     data_workers: int = 2             # processes for the cleaning pipeline
@@ -147,6 +147,7 @@ class Settings:
     lr: float = 3e-3                  # peak learning rate
     warmup_steps: int = 20            # linear warm-up before cosine decay
     eval_every: int = 50              # steps between validation losses
+    target_bits_per_byte: float = 0.0 # validation bits/byte a run of this tier should reach (0 = no target)
 
 class SettingsError(ValueError):
     "A settings file, tier or override that does not fit `Settings`."

@@ -489,7 +489,7 @@ def inference_demo(run: str | None = None):
     from course_lib.model import from_hf
     import tempfile
 
-    from course_lib.pretrain import _find_model, _tiny_byte_model
+    from course_lib.pretrain import _find_model, _tiny_byte_model, sampling_controls
     folder = _find_model(run) or _tiny_byte_model(Path(tempfile.mkdtemp(prefix="camp-inference-")))
     model = from_hf(folder)
     encode, decode_bytes = _text_codec(folder)
@@ -521,9 +521,7 @@ def inference_demo(run: str | None = None):
             max_new = gr.Slider(1, 200, value=60, step=1, label="new tokens", elem_id="max-new")
             greedy = gr.Checkbox(value=True, label="greedy", elem_id="greedy")
         with gr.Row():
-            temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="temperature", elem_id="temperature")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)", elem_id="top-k")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", elem_id="top-p")
+            temperature, top_k, top_p = sampling_controls(gr)                 # chapter 4's demo owns these sliders
             penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="repetition penalty", elem_id="penalty")
             seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
         button = gr.Button("Generate", variant="primary", elem_id="generate")

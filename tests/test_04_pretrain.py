@@ -382,3 +382,68 @@ def test_command_line_reads_values_by_the_settings_rules():
     assert extra == {"data": "d", "out": "o", "resume": False, "stop_at": 3}
     with pytest.raises(SystemExit, match="did you mean 'steps'"):
         parse_overrides(["setps=3"])
+
+
+# --- is my model any good: nats/token, bits/byte, perplexity --------------------------------------
+
+class Uniform(nn.Module):
+    "A model that knows nothing: equal logits for every id."
+    def __init__(self, vocab: int):
+        super().__init__(); self.vocab = vocab
+    def forward(self, x): return torch.zeros(*x.shape, self.vocab)
+
+
+def test_loss_report_of_a_uniform_model_is_worked_by_hand():
+    from course_lib.pretrain import loss_report
+    V = 8
+    lengths = np.array([1, 2, 3, 1, 4, 1, 1, 0])                          # id 7 stands for no text (a special token)
+    x = torch.zeros(2, 5, dtype=torch.long)
+    y = torch.tensor([[0, 1, 2, 7, -100], [4, 4, 7, 3, 5]])               # 9 targets kept; 7 of them text
+    r = loss_report(Uniform(V), [(x, y)], lengths)
+    text_bytes = 1 + 2 + 3 + 4 + 4 + 1 + 1                                # the text targets' bytes: 16
+    assert r["tokens"] == 9 and r["bytes"] == text_bytes
+    assert r["nats_per_token"] == pytest.approx(math.log(V))             # ln V nats per token
+    assert r["perplexity"] == pytest.approx(V)                           # e^(ln V) = V
+    assert r["bits_per_byte"] == pytest.approx(7 * math.log2(V) / text_bytes)   # 3 bits per text token, over 16 bytes
+    # byte tokens: every text token is one byte, so bits/byte = nats/token / ln 2 = log2(257) for the uniform model
+    y8 = torch.randint(0, 256, (3, 16))
+    r8 = loss_report(Uniform(257), [(torch.zeros_like(y8), y8)], np.r_[np.ones(256, int), 0])
+    assert r8["bits_per_byte"] == pytest.approx(math.log2(257))
+
+
+def test_token_bytes_count_the_text_a_tokenizer_encodes(tmp_path):
+    "Bytes per id from tokenizer.json sum to the UTF-8 length of any text Hugging Face's tokenizer encodes."
+    from tokenizers import Tokenizer as HFTokenizer
+    from course_lib.core import embedded_corpus
+    from course_lib.pretrain import token_bytes
+    from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, save_hf, train_bpe
+    texts = [d["text"] for d in embedded_corpus("code,prose", max_bytes=60_000)]
+    tok = Tokenizer(*train_bpe(texts, 400, DEFAULT_SPECIALS, processes=1), DEFAULT_SPECIALS)
+    save_hf(tok, tmp_path)
+    lengths = token_bytes(tok.vocab_size, tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in ["def f(x):\n    return x  # é", "你好，世界 🙂", texts[-1][:500] + "<|endoftext|>"]:
+        ids = hf.encode(text).ids
+        assert lengths[ids].sum() == len(text.replace("<|endoftext|>", "").encode("utf-8"))
+
+
+def test_training_logs_bits_per_byte_and_the_stage_reports_them_per_kind(tmp_path):
+    "Byte tokens: bits/byte is nats/token over ln 2 (minus the end-of-text targets); the camp report has a row per kind."
+    from course_lib.core import RunContext, load_settings
+    from course_lib.pretrain import pretrain_stage
+    from course_lib.tokens import write_byte_tokens
+    docs = [{"id": f"d{i}", "text": ("def f(x):\n    return x\n" if i % 2 else "The cat sat on the mat. ") * 40,
+             "meta": {"kind": "code" if i % 2 else "prose"}} for i in range(60)]
+    data = write_byte_tokens(docs, tmp_path / "tokens", 0.2)
+    summary = train(dataclasses.replace(TINY, steps=4, eval_every=4), data, tmp_path / "run")
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert summary["val_bpb"] == log["val_bpb"][-1][1]
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2), rel=0.05)   # ~1 eos in 1000 bytes
+    ctx = RunContext(tmp_path / "camp", load_settings("ci", {"steps": "4", "eval_every": "4", "target_bits_per_byte": "9.5", "val_fraction": "0.3"}))
+    (ctx.run_dir / "corpus").mkdir(parents=True)
+    (ctx.run_dir / "corpus" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    report = pretrain_stage(ctx)
+    figures = ctx.summary["pretrain"]
+    assert set(figures["by_kind"]) == {"code", "prose"}
+    assert "bits/byte" in report and "| code |" in report and "| prose |" in report and "**reached**" in report
+    assert figures["target_reached"] is True and figures["val_bits_per_byte"] < math.log2(257) + 0.2
