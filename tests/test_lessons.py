@@ -21,7 +21,6 @@ CAMP = str(Path(sys.executable).with_name("camp"))
 LESSONS = sorted(p.name for p in (REPO / "nbs").glob("[0-9]*.ipynb"))
 # committed with outputs by hand before `camp lessons refresh` existed: their stderr holds tqdm's warning with
 # this machine's paths. Strict: once refreshed (`camp lessons refresh 08 08b`) these pass, and this entry must go.
-HAND_RUN = {"08_eval.ipynb", "08b_evalsuite.ipynb"}
 MAX_PNG_BYTES = 200_000
 
 
@@ -31,8 +30,7 @@ def _machine_path_patterns() -> list[str]:
             re.escape(tempfile.gettempdir().rstrip("/")) + r"/tmp\w+"] + ([re.escape(home)] if len(home) > 1 else [])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="outputs run by hand"))
-                                  if n in HAND_RUN else n for n in LESSONS])
+@pytest.mark.parametrize("name", LESSONS)
 def test_committed_outputs_are_fit_to_read(name):
     "A lesson's outputs carry no stderr, widget view or path of this machine, and no oversized figure."
     nb = nbformat.read(REPO / "nbs" / name, as_version=4)
