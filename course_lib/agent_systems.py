@@ -95,7 +95,7 @@ def mind_search(planner, make_searcher: Callable[[str], Any], tools: list[Tool],
     reply = planner.chat(messages)
     trace.steps.append(Step("model", reply.content, prompt=messages, tokens=(reply.prompt_tokens, reply.completion_tokens)))
     trace.stop, trace.answer, trace.seconds = "answer", reply.content, time.perf_counter() - start
-    return trace, results
+    return trace, {node: results[node] for node in graph}   # in the plan's order, whatever order they finished in
 
 # %% ../nbs/09a_agent_systems.ipynb #adfeedd5
 def mcp_server(tools: list[Tool], name: str = "llm-camp"):
