@@ -42,15 +42,10 @@ def repo_root() -> Path:
 def tiny_run(tmp_path):
     """A run folder holding a tiny, untrained chat model at pretrain/model (BPE tokenizer with the chat specials, Decoder,
     Hugging Face layout): SimpleNamespace(run, folder, tok, model). Seeded, so a test can recompute what a demo shows."""
-    import json
-    import torch
-    from course_lib.model import Decoder, export_hf, get_config
-    from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, save_hf, train_bpe
-    vocab, merges = train_bpe([open(json.__file__).read()], 320, special_tokens=DEFAULT_SPECIALS, processes=1)
-    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
-    torch.manual_seed(0)
-    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                               d_ff=64, max_seq_len=256, init_std=0.2)).eval()
+    from course_lib.model import export_hf
+    from course_lib.tokenizer import save_hf
+    from tiny import tiny_chat_model
+    model, tok = tiny_chat_model()
     folder = tmp_path / "pretrain" / "model"
     save_hf(tok, folder)
     export_hf(model, folder, tokenizer=folder)

@@ -9,13 +9,12 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from course_lib.engine import LLMEngine, SamplingParams
-from course_lib.model import Decoder, get_config
 from course_lib.serve import create_app
-from course_lib.tokenizer import DEFAULT_SPECIALS, EOT, Tokenizer, apply_chat_template, train_bpe
+from tiny import tiny_chat_model
+from course_lib.tokenizer import EOT, apply_chat_template
 
 KEY = "test-key"
 
@@ -27,11 +26,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    vocab, merges = train_bpe([open(json.__file__).read()], 320, special_tokens=DEFAULT_SPECIALS, processes=1)
-    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
-    torch.manual_seed(0)
-    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                               d_ff=64, max_seq_len=256, init_std=0.2)).eval()
+    model, tok = tiny_chat_model()
     engine = LLMEngine(model, num_blocks=256, block_size=8, max_num_seqs=64, max_num_batched_tokens=512)
     app = create_app(engine, tok, "tiny", api_key=KEY)
     port = _free_port()

@@ -11,13 +11,13 @@ from typing import Literal
 
 import jsonschema
 import pytest
-import torch
 
 from course_lib.agent_systems import (agent_success, calculator_policy, held_out_arithmetic, mcp_server, mcp_tools, mind_search,
                                       parse_graph, tool_use_success)
 from course_lib.agents import (BM25, CourseModel, OpenAIChat, PythonInterpreter, ScriptedModel, ToolArgumentError, calculator,
                                file_reader, function_schema, parse_plan, react, rewoo, tool, validate_arguments)
 from course_lib.sandbox import SandboxLimits, isolation
+from tiny import tiny_chat_model
 
 
 def call(name, **arguments) -> str: return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
@@ -198,14 +198,7 @@ def test_tool_use_success_and_the_held_out_set():
 # -- the course model directly and behind chapter 7's server
 @pytest.fixture(scope="module")
 def tiny():
-    from course_lib.model import Decoder, get_config
-    from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe
-    vocab, merges = train_bpe([open(json.__file__).read()], 300, special_tokens=DEFAULT_SPECIALS, processes=1)
-    tok = Tokenizer(vocab, merges, list(DEFAULT_SPECIALS))
-    torch.manual_seed(0)
-    model = Decoder(get_config("cpu-1m", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                               d_ff=64, max_seq_len=1024, init_std=0.2)).eval()
-    return model, tok
+    return tiny_chat_model(vocab_size=300, max_seq_len=1024)
 
 
 def test_course_model_and_the_server_agree(tiny):
