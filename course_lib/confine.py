@@ -109,7 +109,8 @@ def _setup() -> None:
     spec = json.loads(sys.argv[1])
     libc, ms, failures = ctypes.CDLL(None, use_errno=True), _MS, []
     _mount(libc, "none", "/", None, ms["REC"] | ms["PRIVATE"])
-    _mount(libc, "proc", "/proc", "proc", ms["NOSUID"] | ms["NODEV"] | ms["NOEXEC"])
+    try: _mount(libc, "proc", "/proc", "proc", ms["NOSUID"] | ms["NODEV"] | ms["NOEXEC"]); own_proc = True
+    except OSError: own_proc = False   # a container that masks parts of /proc forbids a new one in a user namespace
     exposed = [(p, os.open(p, os.O_PATH)) for p in spec["expose"] if os.path.exists(p)]
     for path in spec["hidden"]: _hide(libc, path)
     for path, fd in exposed:  # put back what must stay visible inside a hidden folder (the library, the interpreter)
@@ -126,6 +127,8 @@ def _setup() -> None:
             _mount(libc, None, point, None, ms["REMOUNT"] | ms["BIND"] | ms["RDONLY"] | keep)
         except OSError as e:
             if e.errno != 2: failures.append(f"{point} stays writable ({e.strerror})")  # ENOENT: covered by a hidden path
+    if not own_proc:   # the machine's /proc would show the caller's processes and their memory: cover it, read-only
+        _mount(libc, "tmpfs", "/proc", "tmpfs", ms["NOSUID"] | ms["NODEV"] | ms["NOEXEC"] | ms["RDONLY"], "size=4k,mode=555")
     _mount(libc, spec["work"], spec["work"], None, ms["BIND"])
     _mount(libc, None, spec["work"], None, ms["REMOUNT"] | ms["BIND"] | ms["NOSUID"] | ms["NODEV"])
     try: _mount(libc, "tmpfs", "/dev/shm", "tmpfs", ms["NOSUID"] | ms["NODEV"], "size=64m,mode=1777")

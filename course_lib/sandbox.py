@@ -198,11 +198,11 @@ class _Worker:
     def _callback(self, ident, name): return _Callback(self.endpoint, ident, name)
 
     def serve(self):
+        from IPython.core.interactiveshell import InteractiveShell   # before the first cell's time limit starts
+        self.shell = InteractiveShell.instance(colors="NoColor")   # (a failure here still reaches the caller's log)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2): os.dup2(devnull, fd)   # low-level writes go nowhere; Python's go to the capped stream
         sys.stdout = sys.stderr = self.stream
-        from IPython.core.interactiveshell import InteractiveShell   # before the first cell's time limit starts
-        self.shell = InteractiveShell.instance(colors="NoColor")
         self.shell.showtraceback = lambda *a, **k: None
         self.endpoint.send(self.hello)
         while True:
@@ -286,7 +286,8 @@ def _start(mode: str, folder: Path, limits: SandboxLimits, hidden, env: dict | N
         path, expose, hidden = str((folder / "lib").resolve()), [], [*hidden, *library_copies()]
     else: path, expose = str(_lib_dir().parent), [str(_lib_dir())]
     hidden = [str(Path(p).resolve()) for p in hidden if Path(p).exists()]
-    expose += [sys.prefix] if any(sys.prefix.startswith(h + "/") for h in hidden) else []
+    packages = dict.fromkeys(str(Path(p).resolve()) for p in [sys.prefix, *sys.path] if p == sys.prefix or p.endswith("-packages"))
+    expose += [p for p in packages if any(p.startswith(h + "/") for h in hidden)]   # what the interpreter imports from
     spec = {"mode": mode, "work": work, "hidden": hidden, "expose": expose, "root": root,
             "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__}, **spec_extra}
     environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": path, "HOME": work,
@@ -297,9 +298,11 @@ def _start(mode: str, folder: Path, limits: SandboxLimits, hidden, env: dict | N
     else:
         drop = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--no-new-privs"] if iso.drop_to_nobody else []
         command = drop + [sys.executable, "-c", "from course_lib.sandbox import _main; _main()", json.dumps(spec)]
-    output = subprocess.PIPE if mode == "script" else subprocess.DEVNULL
-    return subprocess.Popen(command, cwd=work, env=environment, pass_fds=pass_fds, start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+    if mode == "script": return subprocess.Popen(command, cwd=work, env=environment, start_new_session=True,
+                                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(folder / "errors.log", "wb") as log:   # a session talks over its pipe; a crash before that lands here
+        return subprocess.Popen(command, cwd=work, env=environment, pass_fds=pass_fds, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
 
 def _kill(proc: subprocess.Popen) -> None:
     "Kill the sandbox's whole process group (with namespaces, its PID namespace ends with it)."
@@ -393,7 +396,9 @@ class Session:
         self._endpoint = _Endpoint(to_parent, from_parent, self._serve, self._export, self._handle, False, limits.message_mb * 2**20)
         try: hello = self._endpoint.receive(time.monotonic() + start_timeout_s)
         except Exception as e:
-            self._die(f"the sandbox did not start ({type(e).__name__})"); raise SandboxDied(self.dead) from None
+            said = (self.folder / "errors.log").read_text(errors="replace").strip().splitlines()
+            self._die(f"the sandbox did not start ({type(e).__name__})" + (f": {said[-1]}" if said else ""))
+            raise SandboxDied(self.dead) from None
         self.missing = tuple(self.isolation.missing) + (("write",) if hello[2] and "write" not in self.isolation.missing else ())
         self.setup_failures = list(hello[2])
 

@@ -210,3 +210,36 @@ def test_a_forbidden_class_can_still_be_subclassed_by_a_library_but_never_built(
                     "    try: build(); print('ALLOWED')\n    except PermissionError as e: print('refused:', e)")
         printed, _ = s.output()
     assert out["error"] is None and printed.count("refused: torch.nn.Linear is not allowed here") == 2 and "ALLOWED" not in printed
+
+
+def test_a_sandbox_that_cannot_start_says_why():
+    "A process that dies before it can answer leaves its last line of stderr in the error, not a bare EOFError."
+    with pytest.raises(SandboxDied, match="did not start.*MemoryError"):
+        Session(SandboxLimits(memory_mb=1))   # too little to import IPython
+
+
+MASKED_PROC = """
+from course_lib.sandbox import Session, isolation
+with Session() as s:
+    s.run("import os; print(sorted(os.listdir('/proc')))")
+    print(isolation().missing, s.missing, s.output()[0].strip())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="masking /proc in a mount namespace takes root")
+def test_a_container_that_masks_proc_still_gets_every_guarantee():
+    """Docker-style containers cover parts of /proc, and the kernel then refuses a fresh /proc to a user namespace:
+    the sandbox, as nobody, must still start, hide the machine's processes and keep every guarantee."""
+    import shutil, subprocess, tempfile
+    masked = next((p for p in ("/proc/keys", "/proc/timer_list", "/proc/sysrq-trigger", "/proc/kcore") if os.path.exists(p)), None)
+    shared = Path(tempfile.mkdtemp(prefix="camp-masked-")); shared.chmod(0o777)   # pytest's tmp_path is root's alone
+    python = _system_venv(shared / "venv") if masked else None
+    if python is None: pytest.skip("no /proc file to mask or no system Python to build a venv for nobody on")
+    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+    nobody = f"setpriv --reuid 65534 --regid 65534 --clear-groups {python} -c \"$CODE\""
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount --bind /dev/null {masked} && {nobody}"],
+                         capture_output=True, text=True, cwd=shared, timeout=300,
+                         env={**os.environ, "CODE": MASKED_PROC, "PYTHONPATH": str(REPO), "HOME": str(shared), "TMPDIR": str(shared)})
+    shutil.rmtree(shared, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-2] == "() () []", run.stdout
