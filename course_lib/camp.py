@@ -201,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--tier", default="cpu", help="settings.ini tier the notebooks run at (default: cpu)")
     ls.add_argument("--out", help="html: the site folder (default: _site); time: the table's path without suffix (default: runs/lesson_times)")
     ls.add_argument("--no-labs", action="store_true", help="time: lessons only")
+    ls.add_argument("--no-lessons", action="store_true", help="time: labs only (of those `names`' numbers, or all)")
     ls.add_argument("--benchmarks", help="time: also rewrite this file's lesson-times section (e.g. BENCHMARKS.md)")
     return p
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "refresh": refresh_lessons(args.names, tier=args.tier)
             elif args.action == "html": print(f"[camp] site: {build_html(args.names, out=args.out or '_site')}")
             else:
-                result = time_notebooks(args.names, tier=args.tier, labs=not args.no_labs)
+                result = time_notebooks(args.names, tier=args.tier, labs=not args.no_labs, lessons=not args.no_lessons)
                 print(f"[camp] table: {write_timings(result, args.out or 'runs/lesson_times', args.benchmarks)}")
                 if failed := [r["notebook"] for r in result["rows"] if r["seconds"] is None]:
                     print(f"camp lessons: {len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr); return 1

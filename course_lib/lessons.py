@@ -247,11 +247,11 @@ def _timed(path: Path, kind: str, root: Path, tier: str, cwd: Path) -> dict:
                   "slowest_cells": [[nb.cells[i].get("id", str(i)), round(per_cell[i], 1), _first_line(nb.cells[i].source)] for i in slowest]}
 
 def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "cpu", labs: bool = True,
-                   log=print) -> dict:
+                   lessons: bool = True, log=print) -> dict:
     "Time lessons (nbs/) and labs (labs/) at `tier`, all or those `names`; returns {'rows': [...], ...machine}."
     root = Path(root).resolve()
     load_before, rows = os.getloadavg(), []
-    for path in lesson_paths(names, root):
+    for path in lesson_paths(names, root) if lessons else []:
         log(f"[camp] timing {path.name} ...")
         rows.append(_timed(path, "lesson", root, tier, path.parent))
     numbers = {notebook_number(p) for p in lesson_paths(names, root)}
@@ -268,13 +268,14 @@ def time_notebooks(names: list[str] = (), root: str | Path = ".", tier: str = "c
             "limit_s": LIMIT_S, "rows": rows}
 
 # %% ../nbs/93_lessons.ipynb #2b664b5c
-MARKERS = ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->")
+MARKERS = {"lesson": ("<!-- camp lessons time: start -->", "<!-- camp lessons time: end -->"),
+           "lab": ("<!-- camp labs time: start -->", "<!-- camp labs time: end -->")}   # one section each, timed apart
 
-def timing_table(result: dict) -> str:
-    "A Markdown table of `time_notebooks`' result, with the machine and the load it ran under."
+def timing_table(result: dict, kind: str | None = None) -> str:
+    "A Markdown table of `time_notebooks`' result (its rows of `kind`, or all), with the machine and the load it ran under."
     tier, limit = result["tier"], result["limit_s"]
     lines = [f"| notebook | kind | seconds at `{tier}` | under {limit // 60} min | slowest cell: seconds, first line |", "|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in result["rows"] if kind is None else [r for r in result["rows"] if r["kind"] == kind]:
         if r["seconds"] is None:
             lines.append(f"| `{r['notebook']}` | {r['kind']} | failed | no | {r['error']} |")
         else:
@@ -285,16 +286,18 @@ def timing_table(result: dict) -> str:
     return f"Measured {result['when']} ({noise}).\n\n" + "\n".join(lines) + "\n"
 
 def write_timings(result: dict, out: str | Path, benchmarks: str | Path | None = None) -> Path:
-    "Write `out`.json and `out`.md; if `benchmarks` is given, replace the text between its MARKERS with the table."
+    "Write `out`.json and `out`.md; if `benchmarks` is given, replace the section of each kind timed between its MARKERS."
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    table = timing_table(result)
-    out.with_suffix(".md").write_text(table)
+    out.with_suffix(".md").write_text(timing_table(result))
     if benchmarks:
         text = Path(benchmarks).read_text()
-        start, end = (text.find(m) for m in MARKERS)
-        if start < 0 or end < start:
-            raise ValueError(f"{benchmarks} has no section between {MARKERS[0]!r} and {MARKERS[1]!r}")
-        Path(benchmarks).write_text(text[:start + len(MARKERS[0])] + "\n" + table + text[end:])
+        for kind in dict.fromkeys(r["kind"] for r in result["rows"]):   # a section not timed this time stays as it was
+            first, last = MARKERS[kind]
+            start, end = text.find(first), text.find(last)
+            if start < 0 or end < start: raise ValueError(f"{benchmarks} has no section between {first!r} and {last!r}")
+            text = text[:start + len(first)] + "\n" + timing_table(result, kind) + text[end:]
+        Path(benchmarks).write_text(text)
     return out.with_suffix(".md")
+
