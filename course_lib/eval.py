@@ -228,7 +228,7 @@ class OpenAILM(LM):
         lp = choice.get("logprobs")
         if not lp or not lp.get("token_logprobs"):
             raise EndpointError(f"{self.url} returned no prompt logprobs for echo=True; score this model with generation tasks, "
-                                "or serve it where /v1/completions supports echo and logprobs (vLLM, LMDeploy)")
+                                "or serve it where /v1/completions supports echo and logprobs (chapter 7's server, vLLM, LMDeploy)")
         return lp
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
