@@ -325,7 +325,7 @@ def load_suite_task(spec: dict) -> Task:
                      "sft_reading, humaneval")
 
 def run_suite(config: dict) -> dict:
-    "Every model on every task (plus perplexity and NIAH when asked): {'models', 'results', 'perplexity', 'niah'}."
+    "Every model on every task (plus perplexity, NIAH and judged ratings when asked): {'models', 'results', 'perplexity', 'niah', ...}."
     from course_lib.eval import heldout_texts, perplexity
     if not config.get("models"): raise ValueError("the config lists no 'models'")
     lms = [load_backend(m) for m in config["models"]]
