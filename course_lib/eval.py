@@ -14,9 +14,9 @@ __all__ = ['LETTERS', 'EXTRACTORS', 'LM', 'cut_at_stop', 'LocalLM', 'CourseLM', 
 - Three back ends answer the same three requests: `loglikelihood` of a continuation after a context, `loglikelihood_rolling` of a whole text, and greedy `generate` with stop strings.
 - A request is tokenised as lm-evaluation-harness does it: trailing spaces of the context move to the continuation, the context is encoded alone, the continuation is the rest of the whole encoding; so our per-item numbers can be compared with lm-eval's.
 - Local back ends batch requests longest-first, right-padded (causal attention never looks right, so padding needs no mask) and cut the context from the left to fit the window.
-- The remote back end speaks OpenAI's /v1/completions: threads for concurrency, retries with backoff, then an error naming the URL; log-likelihoods need a server that returns prompt logprobs (`echo`), and say so when it does not.
+- The remote back end speaks OpenAI's /v1/completions: threads for concurrency, retries with backoff, then an error naming the URL; log-likelihoods come from prompt logprobs (`echo` + `logprobs`, as chapter 7's server and vLLM return them), and a server without them is an error, not a wrong score.
 - A task is a list of items of one kind (mcq, gen, code) and a prompt; the loader accepts our shape and MMLU-, C-Eval-, GSM8K- and HumanEval-shaped lines, and names the line of a malformed one.
-- MCQ is scored by log-likelihood: `cloze` style scores each choice's text, `letters` style lists the options and scores ' A', ' B', ... (the style circular evaluation needs).
+- MCQ is scored by log-likelihood: `cloze` style scores each choice's text after a delimiter (a space; none in Chinese, which has no spaces), `letters` style lists the options and scores ' A', ' B', ... (the style circular evaluation needs).
 - Free-form answers go through a named extraction rule before exact match and token F1.
 - Perplexity and bits per byte come from the same rolling log-likelihood; bits per byte divide by UTF-8 bytes, so models with different tokenizers compare.
 """
@@ -228,7 +228,7 @@ class OpenAILM(LM):
         lp = choice.get("logprobs")
         if not lp or not lp.get("token_logprobs"):
             raise EndpointError(f"{self.url} returned no prompt logprobs for echo=True; score this model with generation tasks, "
-                                "or serve it where /v1/completions supports echo and logprobs (vLLM, LMDeploy)")
+                                "or serve it where /v1/completions supports echo and logprobs (chapter 7's server, vLLM, LMDeploy)")
         return lp
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -260,6 +260,7 @@ class Task:
     kind: str                                   # 'mcq' (choices + answer index), 'gen' (reference answer), 'code' (tests)
     items: list[dict]
     style: str = "cloze"                        # mcq: 'cloze' scores each choice's text, 'letters' lists options and scores ' A'..
+    delimiter: str = " "                        # mcq cloze: between the question and a choice ('' for Chinese)
     extract: str = "first_line"                 # gen: name of a rule in EXTRACTORS
     fewshot: list[dict] = field(default_factory=list)   # worked examples put before each question
     chat: bool = False                          # gen: wrap the question in the ChatML template
@@ -313,9 +314,9 @@ def load_task(path: str | Path, name: str | None = None, n_shot: int = 0, **task
     return Task(name or path.stem, kinds.pop(), items[n_shot:], fewshot=items[:n_shot], **task_kwargs)
 
 # %% ../nbs/08_eval.ipynb #574818d2
-def mcq_prompt(item: dict, style: str = "cloze") -> tuple[str, list[str]]:
-    "(context, continuations): cloze scores ' ' + each choice after the question; letters lists the options and scores ' A', ' B', ..."
-    if style == "cloze": return item["question"], [" " + c for c in item["choices"]]
+def mcq_prompt(item: dict, style: str = "cloze", delimiter: str = " ") -> tuple[str, list[str]]:
+    "(context, continuations): cloze scores delimiter + each choice after the question; letters lists the options and scores ' A', ' B', ..."
+    if style == "cloze": return item["question"], [delimiter + c for c in item["choices"]]
     if style != "letters": raise ValueError(f"unknown MCQ style {style!r}; expected 'cloze' or 'letters'")
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"]))
     return f"{item['question']}\n{options}\nAnswer:", [" " + LETTERS[i] for i in range(len(item["choices"]))]
@@ -332,7 +333,7 @@ def with_fewshot(task: Task, prompt: str) -> str:
     shots = []
     for ex in task.fewshot:
         if task.kind == "mcq":
-            ctx, conts = mcq_prompt(ex, task.style)
+            ctx, conts = mcq_prompt(ex, task.style, task.delimiter)
             shots.append(ctx + conts[ex["answer"]])
         else: shots.append(gen_prompt(ex, task.chat) + " " + ex["answer"])
     return "\n\n".join([*shots, prompt])
@@ -403,7 +404,7 @@ def score_mcq(lm: LM, task: Task, circular: bool = False) -> dict:
     asked = [(rot, k) for k, item in enumerate(task.items) for rot in (rotations(item) if circular else [item])]
     requests, spans = [], []
     for item, _ in asked:
-        ctx, conts = mcq_prompt(item, task.style)
+        ctx, conts = mcq_prompt(item, task.style, task.delimiter)
         ctx = with_fewshot(task, ctx)
         spans.append((len(requests), len(conts)))
         requests += [(ctx, c) for c in conts]
@@ -482,13 +483,17 @@ def _cloze_split(sentence: str, lang: str) -> tuple[str, str] | None:
 
 def cloze_task(n: int = 40, seed: int = 0, n_choices: int = 4, lang: str = "en", records: Iterable[dict] | None = None,
                name: str | None = None) -> Task:
-    "MCQ from corpus text: a sentence without its last word (zh: last two characters), the true word and distractors."
+    """MCQ from corpus text: a sentence without its last word, the true word and words that end other sentences. Chinese
+    (no spaces, so no words to cut at): the last two characters before 。, among endings that close 3+ sentences."""
     if records is None:
         kind = "prose" if lang == "en" else "zh"
         try: records = list(embedded_corpus(kind, max_bytes=2_000_000))
         except ValueError as e: raise ValueError(f"no {kind!r} corpus kind on this installation ({e}); "
                                                  "the Chinese cloze task needs the zh slice of core.embedded_corpus") from None
     pairs = [p for r in records for s in _sentences(r["text"], lang) if (p := _cloze_split(s, lang))]
+    if lang == "zh":                                    # subtle: a rare ending is mostly half a word (性差, 蹋了); a common one is a word (问题)
+        seen = Counter(w for _, w in pairs)
+        pairs = [(c, w) for c, w in pairs if seen[w] >= 3]
     words = sorted({w for _, w in pairs})
     if len(pairs) < n or len(words) < n_choices: raise ValueError(f"only {len(pairs)} cloze sentences in the corpus given; need {n}")
     rng = random.Random(seed)
@@ -497,7 +502,7 @@ def cloze_task(n: int = 40, seed: int = 0, n_choices: int = 4, lang: str = "en",
         choices = [answer] + rng.sample([w for w in words if w != answer], n_choices - 1)
         rng.shuffle(choices)
         items.append({"question": context, "choices": choices, "answer": choices.index(answer)})
-    return Task(name or f"cloze_{lang}", "mcq", items, style="cloze")
+    return Task(name or f"cloze_{lang}", "mcq", items, style="cloze", delimiter="" if lang == "zh" else " ")
 
 def sft_tasks(n: int = 20, seed: int = 0) -> dict[str, Task]:
     "Chapter 5's synthetic tasks (test split) as chat generation tasks: tool_use (run the model's calculator call), self_cognition, reading."

@@ -6,6 +6,7 @@ Decisions:
 - Every error is a 4xx in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so official clients raise the right exception.
 - The engine runs on its own thread; handlers hand it requests through a queue and read tokens from an asyncio queue; a client that goes away cancels its request, which frees its blocks.
 - Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally, holding back an incomplete UTF-8 character.
+- Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model over prompt + completion, in `completion_logprobs`; offsets index the returned text.
 - Chat prompts use chapter 2's ChatML template; generation stops at `<|im_end|>` (and the checkpoint's eos).
 - Tool calls: the tools are described in the system prompt and the model answers `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, parsed into OpenAI's `tool_calls` by `parse_tool_calls` (one function, to follow chapter 5's format); with tools, a streamed answer arrives in one chunk once parsed.
 - Bearer-token auth on `/v1/*` when an API key is set; `/health` and `/metrics` stay open, as in vLLM."""
@@ -15,8 +16,8 @@ Decisions:
 # %% auto #0
 __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'parse_tool_calls', 'chat_prompt', 'FunctionCall',
            'ToolCall', 'FunctionSpec', 'Tool', 'ChatMessage', 'CompletionRequest', 'ChatRequest', 'APIError',
-           'Detokenizer', 'create_app', 'load_for_serving', 'serve_in_thread', 'serve', 'serve_stage',
-           'serve_chat_demo']
+           'Detokenizer', 'create_app', 'completion_logprobs', 'load_for_serving', 'serve_in_thread', 'serve',
+           'serve_stage', 'serve_chat_demo']
 
 # %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
@@ -29,6 +30,8 @@ import uuid
 from itertools import count
 from pathlib import Path
 from typing import AsyncIterator, Literal
+
+import torch
 
 from .engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
 from .model import Decoder, from_hf
@@ -201,8 +204,11 @@ class _Sampling(BaseModel):
     stream: bool = False
 
 class CompletionRequest(_Sampling):
-    "POST /v1/completions."
+    "POST /v1/completions; `echo` and `logprobs` as in OpenAI's legacy API (max_tokens=0 with echo scores the prompt only)."
     prompt: str | list[int]
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token, as in vLLM (at most 20)")
 
 class ChatRequest(_Sampling):
     "POST /v1/chat/completions."
@@ -327,9 +333,35 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def scored(body: CompletionRequest, prompt_ids: list[int]) -> dict:
+        "A completion with OpenAI's legacy logprobs (the prompt's too with `echo`); max_tokens=0 runs no generation."
+        if body.stream: raise APIError(400, "echo and logprobs are not available with stream=true", param="stream")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: send echo=true to score the prompt", param="max_tokens")
+        out_ids, reason = [], "length"
+        try:
+            if body.max_tokens == 0: engine.check_request(prompt_ids, sampling(body, prompt_ids, 1))   # ids in range, fits
+            else:
+                params = sampling(body, prompt_ids, body.max_tokens or min(16, max_len - len(prompt_ids)))
+                async for out in runner.stream(prompt_ids, params):
+                    out_ids += [out.token] if out.token is not None else []
+                    reason = out.finish_reason
+        except ValueError as e: raise APIError(400, str(e))
+        skip = 0 if body.echo else len(prompt_ids)
+        lp = await asyncio.to_thread(completion_logprobs, engine.model, tokenizer, prompt_ids + out_ids, body.logprobs or 0, skip)
+        text, start = "".join(lp["tokens"]), sum(map(len, lp["tokens"][:len(prompt_ids) - skip]))
+        if ends := [i for s in stops_of(body) if s and (i := text.find(s, start)) >= 0]:   # stop strings in the completion
+            text, reason = text[:min(ends)], "stop"
+            keep = sum(off < len(text) for off in lp["text_offset"])
+            lp = {k: v[:keep] for k, v in lp.items()}
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": lp if body.logprobs is not None else None, "finish_reason": reason}],
+                "usage": usage(len(prompt_ids), len(out_ids))}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         prompt_ids = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        if body.echo or body.logprobs is not None or body.max_tokens == 0: return await scored(body, prompt_ids)
         params = sampling(body, prompt_ids, body.max_tokens or min(16, max_len - len(prompt_ids)))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
@@ -380,6 +412,28 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
     "`first`, then everything `rest` yields."
     yield first
     async for item in rest: yield item
+
+# %% ../nbs/07b_server.ipynb #f79a1108
+@torch.no_grad()
+def completion_logprobs(model: Decoder, tokenizer: Tokenizer, ids: list[int], top: int = 0, skip: int = 0) -> dict:
+    """OpenAI's legacy `logprobs` for `ids[skip:]` from one causal forward over `ids`: token texts, their logprobs, the `top`
+    likeliest tokens (and the chosen one) at each position, and offsets into the text the tokens join into."""
+    detok = Detokenizer(tokenizer)
+    texts = [detok.add(t) for t in ids]
+    texts[-1] += detok.flush()                                          # "".join(texts) == tokenizer.decode(ids)
+    x = torch.tensor([ids], device=next(model.parameters()).device)     # (1, t)
+    logp = torch.log_softmax(model(x)[0].float(), dim=-1).cpu()         # (t, V): row i predicts token i + 1
+    chosen = logp[:-1].gather(1, torch.tensor(ids[1:], dtype=torch.long)[:, None])[:, 0]  # (t - 1,)
+    best_v, best_i = logp[:-1].topk(min(top, logp.shape[-1]), dim=-1)   # (t - 1, top)
+    out, at = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, 0
+    for i in range(skip, len(ids)):
+        lp = None if i == 0 else chosen[i - 1].item()                   # the first token has no context
+        alts = None if i == 0 else {}
+        for j, v in ([] if i == 0 else [*zip(best_i[i - 1].tolist(), best_v[i - 1].tolist()), (ids[i], lp)]):
+            alts.setdefault(tokenizer.decode([j]), v)                   # subtle: ids that decode alike keep the likeliest
+        out["tokens"].append(texts[i]); out["token_logprobs"].append(lp); out["top_logprobs"].append(alts)
+        out["text_offset"].append(at); at += len(texts[i])
+    return out
 
 # %% ../nbs/07b_server.ipynb #20a588cd
 def load_for_serving(model_dir: str | Path, dtype=None) -> tuple[Decoder, Tokenizer, list[int]]:

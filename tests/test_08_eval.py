@@ -33,23 +33,27 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_loglikelihoods_equal_lm_eval(tiny, tmp_path, monkeypatch):
-    "lm-eval's hf back end, offline, on the exported model and a task YAML over our JSONL: every choice within 1e-4."
+    """lm-eval's hf back end, offline, on the exported model and task YAMLs over our JSONL: every choice within 1e-4, on the
+    English cloze and on the Chinese one (no delimiter before the choice: lm-eval's target_delimiter "")."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import lm_eval  # required: the [dev] extra
     from lm_eval.tasks import TaskManager
-    (tmp_path / "camp_cloze.yaml").write_text(
-        "task: camp_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tiny['folder'] / 'cloze.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['folder'] / 'model'},dtype=float32", tasks=["camp_cloze"],
+    write_task(cloze_task(8, lang="zh", seed=4), tmp_path / "cloze_zh.jsonl")
+    files = {"camp_cloze": (tiny["folder"] / "cloze.jsonl", " "), "camp_cloze_zh": (tmp_path / "cloze_zh.jsonl", "")}
+    for name, (path, delimiter) in files.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {path}\ntest_split: test\noutput_type: multiple_choice\ntarget_delimiter: {json.dumps(delimiter)}\n"
+            'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['folder'] / 'model'},dtype=float32", tasks=list(files),
                                   device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tmp_path)))
-    samples = out["samples"]["camp_cloze"]
     for lm in (CourseLM.from_dir(tiny["folder"] / "model"), HFLM(tiny["folder"] / "model")):
-        ours = evaluate(lm, load_task(tiny["folder"] / "cloze.jsonl"))
-        for s in samples:
-            theirs = [float(r[0][0]) for r in s["resps"]]
-            assert ours["records"][s["doc_id"]]["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
-        assert ours["metrics"]["acc"] == pytest.approx(out["results"]["camp_cloze"]["acc,none"])
+        for name, (path, delimiter) in files.items():
+            ours = evaluate(lm, load_task(path, delimiter=delimiter))
+            for s in out["samples"][name]:
+                theirs = [float(r[0][0]) for r in s["resps"]]
+                assert ours["records"][s["doc_id"]]["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+            assert ours["metrics"]["acc"] == pytest.approx(out["results"][name]["acc,none"])
 
 
 def test_loglikelihood_is_float64_cross_entropy(tiny):
@@ -153,10 +157,47 @@ def test_remote_scores_equal_local(tiny, server):
     assert any(r["output"] for r in local["records"]) and remote["metrics"] == local["metrics"]
 
 
-def test_remote_loglikelihood_needs_echo(server):
-    "Chapter 7's server returns no prompt logprobs: a clear error, not a wrong score."
-    with pytest.raises(EndpointError, match="no prompt logprobs"):
-        OpenAILM(server, "tiny").loglikelihood([("a", " b")])
+def test_remote_loglikelihoods_equal_local_on_chapter7_server(tiny, server):
+    """MCQ through chapter 7's real server (echo + logprobs, 4 requests in flight): every choice's log-likelihood within
+    1e-4 of the in-process model's, same picks and accuracy; English cloze, circular letters, and Chinese cloze from the
+    zh corpus (multi-byte characters split across byte tokens, so the text offsets matter)."""
+    letters = Task("letters", "mcq", tiny["task"].items[:4], style="letters")
+    for task, circular in [(tiny["task"], False), (letters, True), (cloze_task(6, lang="zh", seed=5), False)]:
+        local = evaluate(CourseLM(tiny["model"], tiny["tok"], batch_size=4), task, circular=circular)
+        remote = evaluate(OpenAILM(server, "tiny", concurrency=4), task, circular=circular)
+        for a, b in zip(remote["records"], local["records"], strict=True):
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4) and a["pred"] == b["pred"]
+        assert remote["metrics"] == local["metrics"]
+
+
+def test_remote_loglikelihood_needs_prompt_logprobs(tiny):
+    "A server that answers echo requests without logprobs: a clear error, not a wrong score."
+    from fastapi import FastAPI
+    from course_lib.serve import serve_in_thread
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        return {"choices": [{"index": 0, "text": body["prompt"] + "x", "logprobs": None, "finish_reason": "length"}]}
+
+    url, stop = serve_in_thread(app)
+    try:
+        with pytest.raises(EndpointError, match="no prompt logprobs"): OpenAILM(url, "tiny").loglikelihood([("a", " b")])
+    finally: stop()
+
+
+def test_chinese_cloze_from_the_zh_corpus():
+    """cloze_zh on the real zh slice (People's Daily 1998, hotel and book reviews): each item is a corpus sentence cut before
+    its last two characters; the answer and the distractors are endings that close three or more sentences (words, not halves)."""
+    import re
+    from course_lib.core import embedded_corpus
+    text = "\n".join(r["text"] for r in embedded_corpus("zh", max_bytes=2_000_000))
+    task = cloze_task(30, lang="zh", seed=2)
+    assert task.name == "cloze_zh" and len(task.items) == 30
+    for item in task.items:
+        assert item["question"] + item["choices"][item["answer"]] + "。" in text
+        assert len(set(item["choices"])) == 4 and all(re.fullmatch(r"[\u4e00-\u9fff]{2}", c) for c in item["choices"])
+        assert all(text.count(c + "。") >= 3 for c in item["choices"]), item
 
 
 def test_unreachable_endpoint_retries_then_fails():
@@ -202,19 +243,18 @@ def test_camp_eval_and_eval_stage(tiny, tmp_path):
 
 
 def test_cloze_task_chinese_records():
-    "The Chinese cloze cuts the last two characters before 。; without the zh corpus kind the error says what is missing."
+    "The Chinese cloze cuts the last two characters before 。, and only endings that close three or more sentences are used."
     rng = __import__("random").Random(0)
     pool = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
-    sentences = ["".join(rng.choice(pool) for _ in range(rng.randint(14, 30))) for _ in range(12)]
-    task = cloze_task(6, records=[{"text": "。".join(sentences) + "。"}], lang="zh", seed=1)
+    words = ["问题", "发展", "工作", "生活", "市场"]
+    sentences = ["".join(rng.choice(pool) for _ in range(rng.randint(14, 30))) + words[k % 5] for k in range(15)]
+    once = ["".join(rng.choice(pool) for _ in range(20)) + "孤词" for _ in range(2)]             # closes only two sentences
+    task = cloze_task(6, records=[{"text": "。".join(sentences + once) + "。"}], lang="zh", seed=1)
     for item in task.items:
         full = item["question"] + item["choices"][item["answer"]]
-        assert full in sentences and len(item["choices"][item["answer"]]) == 2 and len(set(item["choices"])) == 4
-    try:
-        from course_lib.core import embedded_corpus
-        list(embedded_corpus("zh", max_docs=1))
-    except ValueError:
-        with pytest.raises(ValueError, match="zh"): cloze_task(5, lang="zh")
+        assert full in sentences and sorted(item["choices"]) == sorted(set(item["choices"])) and set(item["choices"]) < set(words)
+    with pytest.raises(ValueError, match="cloze sentences"):
+        cloze_task(4, records=[{"text": "。".join(once) + "。"}], lang="zh")
 
 
 def test_remote_loglikelihood_from_echo_logprobs(tiny):

@@ -12,7 +12,8 @@ import pytest
 
 from course_lib.eval import LM, Task
 from course_lib.evalsuite import (NEEDLE, NgramIndex, ScriptedJudge, bootstrap_ratings, bradley_terry, code_scores,
-                                  contamination, eval_main, execute, humaneval_problems, judge_pairwise, judge_single,
+                                  contamination, eval_main, execute, humaneval_problems, judge_battles, judge_pairwise,
+                                  judge_single, judge_suite,
                                   needle_grid, pass_at_k, plot_needle_grid, words_of, write_report)
 
 
@@ -105,6 +106,95 @@ def test_judges_with_position_swap():
     assert judge_pairwise(biased, ["q"], ["x"], ["y"]) == ["tie"]            # the swap exposes it
     assert judge_single(judge, ["q", "q"], ["one two three", "a " * 30]) == [4.0, 10.0]
     assert judge_single(ScriptedJudge(rate=lambda q, a: 42), ["q"], ["a"]) == [None]   # out of range: no rating
+    # constrained (verdicts scored by log-likelihood) agrees with generation on the same planted cases
+    assert judge_pairwise(judge, ["q1", "q2", "q3"], ["long answer", "x", "same"], ["short", "longer one", "same"],
+                          constrained=True) == ["A", "B", "tie"]
+    assert judge_pairwise(biased, ["q"], ["x"], ["y"], constrained=True) == ["tie"]
+    assert judge_single(judge, ["q", "q"], ["one two three", "a " * 30], constrained=True) == [4.0, 10.0]
+
+
+QUESTIONS = ["What is 2 + 2?", "Name a colour.", "What does json.dumps return?", "Is 7 prime?"]
+GOOD, BAD = ["4", "Blue.", "A string of JSON.", "Yes."], ["5", "Seven.", "A list.", "No, it is even."]
+
+
+@pytest.fixture(scope="module")
+def judge_model():
+    from tiny import tiny_chat_model
+    return tiny_chat_model(max_seq_len=512)
+
+
+def _verdict_by_hand(model, tok, prompt: str) -> str:
+    "The likeliest of ' [[A]]', ' [[B]]', ' [[C]]' after the prompt: one unbatched float64 forward per option."
+    import torch
+    import torch.nn.functional as F
+    scores = {}
+    for v in "ABC":
+        ctx, whole = tok.encode(prompt), tok.encode(prompt + f" [[{v}]]")
+        with torch.no_grad(): logp = F.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), -1)   # (t, V)
+        cont = whole[len(ctx):]
+        scores[v] = sum(logp[len(whole) - 1 - len(cont) + k, t].item() for k, t in enumerate(cont))
+    return max(scores, key=scores.get)
+
+
+def test_course_model_as_constrained_judge(judge_model):
+    """The course model judging (an untrained one: only the bookkeeping is checkable): each order's verdict is the likeliest
+    of the three by a float64 forward, and a win is kept only when the swapped order agrees."""
+    from course_lib.eval import CourseLM
+    from course_lib.evalsuite import PAIR_PROMPT, VERDICTS, _pick
+    model, tok = judge_model
+    lm = CourseLM(model, tok, batch_size=4)
+    prompts = [PAIR_PROMPT.format(question=q, a=a, b=b) for q, a, b in zip(QUESTIONS, GOOD, BAD)]
+    swapped = [PAIR_PROMPT.format(question=q, a=b, b=a) for q, a, b in zip(QUESTIONS, GOOD, BAD)]
+    firsts, seconds = [_verdict_by_hand(model, tok, p) for p in prompts], [_verdict_by_hand(model, tok, p) for p in swapped]
+    assert _pick(lm, prompts + swapped, VERDICTS) == [f"[[{v}]]" for v in firsts + seconds]
+    back = [{"A": "B", "B": "A", "C": "C"}[v] for v in seconds]               # the swapped verdicts in the original order
+    want = [f if f == s and f != "C" else "tie" for f, s in zip(firsts, back)]
+    assert judge_pairwise(lm, QUESTIONS, GOOD, BAD, constrained=True) == want
+    ratings = judge_single(CourseLM(model, tok), QUESTIONS, GOOD, constrained=True)
+    assert all(r in range(1, 11) for r in ratings)                        # constrained: always a rating in the scale
+
+
+def test_judge_through_chapter7_server_equals_local(judge_model):
+    """The same judge behind chapter 7's server (prompt logprobs over HTTP): the same verdict in each order, the same
+    1-10 ratings and the same battles as in-process."""
+    from course_lib.engine import LLMEngine
+    from course_lib.eval import CourseLM, OpenAILM
+    from course_lib.evalsuite import PAIR_PROMPT, VERDICTS, _pick
+    from course_lib.serve import create_app, serve_in_thread
+    model, tok = judge_model
+    answers = {"good": GOOD, "bad": BAD, "terse": ["four", "red", "text", "yes"]}
+    prompts = [PAIR_PROMPT.format(question=q, a=a, b=b) for q, a, b in zip(QUESTIONS, GOOD, BAD)]
+    prompts += [PAIR_PROMPT.format(question=q, a=b, b=a) for q, a, b in zip(QUESTIONS, GOOD, BAD)]
+    local_lm = CourseLM(model, tok)
+    url, stop = serve_in_thread(create_app(LLMEngine(model, num_blocks=384, block_size=8, max_num_batched_tokens=512), tok, "judge"))
+    try:
+        remote_lm = OpenAILM(url, "judge", concurrency=4, max_length=512)
+        assert _pick(remote_lm, prompts, VERDICTS) == _pick(local_lm, prompts, VERDICTS)
+        assert judge_single(remote_lm, QUESTIONS, BAD, constrained=True) == judge_single(local_lm, QUESTIONS, BAD, constrained=True)
+        remote = judge_battles(remote_lm, QUESTIONS, answers, constrained=True)
+    finally: stop()
+    local = judge_battles(local_lm, QUESTIONS, answers, constrained=True)
+    assert remote == local
+    assert [(a, b) for a, b, _ in local] == [(a, b) for a, b in itertools.combinations(answers, 2) for _ in QUESTIONS]
+
+
+def test_camp_eval_with_a_judge(judge_model, tmp_path):
+    "`camp eval` with a 'judge' entry: every pair of models battles on every question and the report carries the ratings."
+    from course_lib.model import export_hf
+    from course_lib.tokenizer import EOT, save_hf
+    model, tok = judge_model
+    save_hf(tok, tmp_path / "tok")
+    export_hf(model, tmp_path / "model", tokenizer=tmp_path / "tok", eos_id=tok.special_tokens[EOT])
+    spec = {"type": "course", "path": str(tmp_path / "model"), "constrained": True, "questions": QUESTIONS[:2], "max_tokens": 6}
+    config = {"models": [{"type": "course", "path": str(tmp_path / "model"), "name": "fp"},
+                         {"type": "course", "path": str(tmp_path / "model"), "name": "int4kv", "kv": "int4"}],
+              "perplexity": False, "judge": spec, "out": str(tmp_path / "out")}
+    (tmp_path / "suite.json").write_text(json.dumps(config))
+    report = eval_main(tmp_path / "suite.json")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [tuple(b[:2]) for b in results["battles"]] == [("fp", "int4kv")] * 2 and set(results["ratings"]) == {"fp", "int4kv"}
+    assert "Judge ratings" in report.read_text()
+    with pytest.raises(ValueError, match="questions"): judge_suite([], {"type": "course"})
 
 
 def test_bradley_terry_recovers_known_order():
