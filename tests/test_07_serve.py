@@ -121,7 +121,7 @@ def test_tool_calls_in_openai_shape(client, server, monkeypatch):
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
 ])
 def test_bad_chat_input_is_a_clear_4xx(server, body, status, words):
     headers = {"Authorization": f"Bearer {KEY}"} | ({} if isinstance(body, dict) else {"Content-Type": "application/json"})
@@ -231,3 +231,39 @@ def test_serve_stage_reports_and_leaks_nothing(server, tmp_path):
     assert "time to first token" in report and "0 of 128 KV blocks held" in report
     assert ctx.summary["serve"]["models"] == ["camp"] and ctx.summary["serve"]["metrics"]["generated_tokens"] > 0
     assert json.loads((tmp_path / "serve" / "smoke.json").read_text())["models"] == ["camp"]
+
+
+# --- n > 1 choices (one prefill, the prompt's blocks shared by fork) ---
+
+def _sampled(server, prompt_ids, n, seed):
+    "Independent of the server: a lone seeded request through a fresh engine."
+    tok = server["tok"]
+    stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
+    params = SamplingParams(max_tokens=n, temperature=1.0, seed=seed, stop_ids=stops)
+    return LLMEngine(server["model"], num_blocks=64, block_size=8).generate([prompt_ids], params)[0]
+
+
+def test_n_completions_equal_lone_seeded_requests(client, server):
+    "n=3 through the openai client: choice i is what a lone request seeded seed + i samples; usage counts all choices."
+    got = client.completions.create(model="tiny", prompt="def main():", max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    want = [_sampled(server, server["tok"].encode("def main():"), 8, 5 + i) for i in range(3)]
+    assert [c.text for c in got.choices] == [server["tok"].decode(w) for w in want]
+    assert got.usage.completion_tokens == sum(len(w) for w in want)
+    assert len({c.text for c in got.choices}) > 1
+
+
+def test_n_chat_streaming_reassembles_to_the_whole_answer(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=1.0, seed=11, n=2)
+    whole = client.chat.completions.create(**kw)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices: texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content or "" for c in whole.choices]
+
+
+def test_n_too_large_is_a_clear_4xx(server):
+    r = httpx.post(server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "x", "n": 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "16" in r.json()["error"]["message"]
+    _assert_no_leak(server["engine"])
