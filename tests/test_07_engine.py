@@ -183,3 +183,48 @@ def test_abort_frees_every_choice_and_n_is_checked():
     assert engine.bm.num_used == 0 and not engine.seqs and not engine.has_unfinished()
     with pytest.raises(ValueError, match="n .choices"): engine.add_request([1], SamplingParams(n=5))
     with pytest.raises(ValueError, match="n .choices"): engine.add_request([1], SamplingParams(n=0))
+
+# --- LoRA adapters at serve time (chapter 5's peft-layout adapters), checked against merged-weight models ---
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    "Two peft-layout adapters on MODEL with non-zero B (so they change the outputs), on different projections."
+    import copy
+    from course_lib.lora import inject_lora, lora_layers, save_adapter
+    folders = {}
+    for name, targets, seed in [("a1", ["q_proj", "v_proj"], 1), ("a2", ["k_proj", "gate_proj", "down_proj"], 2)]:
+        m = copy.deepcopy(MODEL); torch.manual_seed(seed)
+        inject_lora(m, targets, r=4, alpha=8)
+        for layer in lora_layers(m).values(): torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+        folders[name] = save_adapter(m, tmp_path_factory.mktemp(name))
+    return folders
+
+def _merged_greedy(folder, prompt: list[int], n: int) -> list[int]:
+    "Reference: chapter 5's load_adapter + merge_lora on a fresh copy, then chapter 3's no-cache generate."
+    import copy
+    from course_lib.lora import load_adapter, merge_lora
+    m = copy.deepcopy(MODEL)
+    if folder is not None: load_adapter(m, folder); merge_lora(m)
+    return generate(m, torch.tensor([prompt]), n, greedy=True)[0, len(prompt):].tolist()
+
+def test_lora_adapters_in_one_batch_equal_their_merged_models(adapters):
+    import copy
+    prompts = _prompts(4, 6)
+    names = [None, "a1", "a2", "a1", None, "a2"]
+    engine = LLMEngine(copy.deepcopy(MODEL), num_blocks=40, block_size=4, max_num_batched_tokens=16, adapters=adapters)
+    got = engine.generate(prompts, [SamplingParams(max_tokens=8, adapter=a) for a in names])
+    assert got == [_merged_greedy(None if a is None else adapters[a], p, 8) for p, a in zip(prompts, names)]
+    assert got[1] != _merged_greedy(None, prompts[1], 8)              # the adapter does change the answer
+    assert engine.bm.num_used == 0
+
+def test_lora_prefix_cache_is_per_adapter(adapters):
+    "The same prompt under the base, then a1: no blocks reused across adapters, reused within one."
+    import copy
+    prompt = list(range(13))
+    engine = LLMEngine(copy.deepcopy(MODEL), num_blocks=40, block_size=4, adapters=adapters)
+    assert engine.generate([prompt], SamplingParams(max_tokens=4))[0] == _merged_greedy(None, prompt, 4)
+    assert engine.generate([prompt], SamplingParams(max_tokens=4, adapter="a1"))[0] == _merged_greedy(adapters["a1"], prompt, 4)
+    assert engine.stats["cached_prompt_tokens"] == 0
+    engine.generate([prompt], SamplingParams(max_tokens=4, adapter="a1"))
+    assert engine.stats["cached_prompt_tokens"] == 12
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'a3'"): engine.add_request([1], SamplingParams(adapter="a3"))
