@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from .inference import Sampling, _parse_scheme, next_tokens
 from .kernels import _jit, constexpr, dequantize_asym, pack_bits, quantize_asym, tl, triton_available, unpack_bits
+from .lora import load_adapter, lora_layers
 from .model import Decoder
 
 # %% ../nbs/07_serving.ipynb #81419691
@@ -545,7 +546,6 @@ class LoRABank:
 
     def add(self, name: str, folder: str | Path):
         "Load an adapter folder (chapter 5's checks: peft layout, trained on this base) and serve it as `name`."
-        from .lora import load_adapter, lora_layers
         if name in self.names: raise ValueError(f"an adapter named {name!r} is already loaded")
         donor = copy.deepcopy(self.model)                               # the base with plain linear layers, for load_adapter
         for module_name, m in list(donor.named_modules()):
