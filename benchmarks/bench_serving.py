@@ -4,17 +4,21 @@
    concurrent streaming clients: generated tokens/s and percentiles of time to first token (TTFT) and
    inter-token latency (ITL). Requests have varied prompt (16-128 tokens) and output (16-48 tokens) lengths.
 2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
-3. Memory: the paged pool's peak use at 64 concurrent vs a contiguous cache of max_seq_len per request.
+3. Memory: the paged pool's peak use at 64 concurrent vs a contiguous cache of max_seq_len per request, and the
+   same peak in an int8 and an int4 pool (chapter 6's per-token quantised KV), counted in bytes.
 
 The model is the cpu-1m shape with a 1,024-token context, untrained (speed does not depend on the weights);
 byte-level tokens, no stop tokens, so every request runs to its max_tokens.
 
-    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--device cpu]
+    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--device cpu] [--repeats 3] [--kv-scheme fp]
+With --repeats R each load level runs R times and the table shows the median tokens/s (and the load average
+of the machine before and after, since wall-clock figures on a shared machine move with it).
 Prints tables, then one line of JSON.
 """
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import threading
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import uvicorn
 
-from course_lib.engine import EngineConfig, LLMEngine
+from course_lib.engine import EngineConfig, LLMEngine, PagedKVCache
 from course_lib.model import Decoder, get_config
 from course_lib.serve import create_app
 from course_lib.tokenizer import Tokenizer
@@ -85,6 +89,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per load level; the median tokens/s is reported")
+    ap.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4"], help="how the KV pool stores K/V")
     args = ap.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0); rng = random.Random(0)
@@ -92,20 +98,24 @@ def main():
     model = Decoder(cfg).to(args.device).eval()
     tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [])    # bytes; no special tokens, so no early stops
     levels = [int(x) for x in args.levels.split(",")]
-    rows, result = [], {"levels": {}}
-    print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}")
+    rows, result = [], {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats,
+                        "load_average_before": os.getloadavg()[0]}
+    print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"KV {args.kv_scheme}, repeats {args.repeats}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}{'passes':>8}  (ms; passes = engine steps)")
     for mode, max_seqs in (("continuous batching", 64), ("one at a time", 1)):
         url, engine, stop = start_server(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
-                                         max_num_batched_tokens=1024, enable_prefix_caching=False)
+                                         max_num_batched_tokens=1024, enable_prefix_caching=False, kv_scheme=args.kv_scheme)
         asyncio.run(run_load(url, [([1] * 32, 8)] * 2, 2))                 # warm up
         for c in levels:
             requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48))
                         for _ in range(max(8, min(2 * c, 64)))]
-            before, steps_before = engine.stats["generated_tokens"], engine.stats["steps"]
-            wall, ttft, itl = asyncio.run(run_load(url, requests, c))
-            tps = (engine.stats["generated_tokens"] - before) / wall
-            steps = engine.stats["steps"] - steps_before
+            runs = []
+            for _ in range(args.repeats):                               # the same requests each time
+                before, steps_before = engine.stats["generated_tokens"], engine.stats["steps"]
+                wall, ttft, itl = asyncio.run(run_load(url, requests, c))
+                runs.append(((engine.stats["generated_tokens"] - before) / wall, ttft, itl, engine.stats["steps"] - steps_before))
+            tps, ttft, itl, steps = sorted(runs, key=lambda r: r[0])[len(runs) // 2]   # the median run by tokens/s
             print(f"{mode:<22}{c:>5}{len(requests):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}{steps:>8}")
             result["levels"].setdefault(mode, {})[c] = {"tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1),
                                                         "ttft_p95_ms": round(pct(ttft, 95), 1), "itl_p50_ms": round(pct(itl, 50), 2),
@@ -115,7 +125,9 @@ def main():
                 paged = engine.peak["blocks"] * block_bytes
                 contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
                 result["memory"] = {"concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
-                                    "ratio": round(contiguous / paged, 2)}
+                                    "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
+                                    "peak_bytes_by_scheme": {kv: engine.peak["blocks"] * PagedKVCache(model, 1, 16, kv).nbytes
+                                                             for kv in ("fp", "int8", "int4")}}
         stop()
     for c in levels:
         cb, one = result["levels"]["continuous batching"][c], result["levels"]["one at a time"][c]
@@ -125,19 +137,24 @@ def main():
     m = result.get("memory")
     if m: print(f"KV memory at {m['concurrency']} concurrent: paged peak {m['paged_peak_bytes'] / 2**20:.1f} MiB, contiguous "
                 f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
+    if m:
+        by = m["peak_bytes_by_scheme"]
+        print("the same peak of " + str(m["peak_blocks"]) + " blocks stored as " +
+              ", ".join(f"{kv} {b / 2**20:.2f} MiB ({by['fp'] / b:.2f}x less than fp)" for kv, b in by.items()))
     # prefix caching: a shared 512-token system prompt, requests one at a time
     system = [rng.randrange(256) for _ in range(512)]
     prompts = [system + [rng.randrange(256) for _ in range(16)] for _ in range(args.prefix_requests + 1)]
     ttfts = {}
     for name, on in (("prefix caching on", True), ("prefix caching off", False)):
         url, engine, stop = start_server(model, tokenizer, num_blocks=512, block_size=16, max_num_seqs=16,
-                                         max_num_batched_tokens=1024, enable_prefix_caching=on)
+                                         max_num_batched_tokens=1024, enable_prefix_caching=on, kv_scheme=args.kv_scheme)
         asyncio.run(run_load(url, [(prompts[0], 2)], 1))                # the first request fills the cache
         _, ttft, _ = asyncio.run(run_load(url, [(p, 2) for p in prompts[1:]], 1))
         ttfts[name] = ttft; stop()
     on, off = np.median(ttfts["prefix caching on"]) * 1000, np.median(ttfts["prefix caching off"]) * 1000
     print(f"TTFT with a shared 512-token system prompt: on {on:.1f} ms, off {off:.1f} ms ({off / on:.2f}x lower)")
     result["prefix_caching"] = {"ttft_on_ms": round(on, 1), "ttft_off_ms": round(off, 1), "ratio": round(off / on, 2)}
+    result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
 
 

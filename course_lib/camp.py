@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-blocks", type=int, default=256, help="KV-cache blocks in the pool")
     sv.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sv.add_argument("--no-prefix-caching", action="store_true", help="turn off reuse of cached prompt prefixes")
+    sv.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4"], help="how the KV pool stores keys and values")
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
+                    help="serve a LoRA adapter folder (peft layout) as model NAME; repeatable")
     ev = sub.add_parser("eval", help="evaluate models on tasks from a JSON config into one leaderboard (chapter 8)")
     ev.add_argument("config", help="JSON: {models: [...], tasks: [...], niah: {...}, out: FOLDER}")
     ev.add_argument("--out", help="report folder (default: the config's 'out', else runs/eval)")
@@ -232,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[camp] grade written to {args.out or Path(args.notebook).parent / 'grade.json'}")
         elif args.command == "serve":
             from course_lib.serve import serve
-            serve(args.model_dir, args.host, args.port, args.api_key, args.model_name, num_blocks=args.num_blocks,
-                  block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching)
+            bad = [spec for spec in args.lora if "=" not in spec]
+            if bad: raise SystemExit(f"[camp] --lora takes NAME=FOLDER, got {bad[0]!r}")
+            serve(args.model_dir, args.host, args.port, args.api_key, args.model_name,
+                  lora=dict(spec.split("=", 1) for spec in args.lora) or None, num_blocks=args.num_blocks,
+                  block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching, kv_scheme=args.kv_scheme)
         elif args.command == "assign":
             from course_lib.grading import assign
             print(f"[camp] student notebook written to {assign(args.source, args.out)}")

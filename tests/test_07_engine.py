@@ -109,3 +109,122 @@ def test_triton_paged_attention_matches_reference_under_interpreter():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+# --- quantised KV in the pool (chapter 6's int8/int4 schemes) ---
+
+def _prompts(seed: int, n: int = 5) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(n)]
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_quantised_paged_kv_equals_chapter6_quantised_cache(kv):
+    "Greedy through a quantised pool (chunked prefill, prefix cache) equals chapter 6's contiguous quantised cache; bytes match its formula."
+    from course_lib.inference import generate as generate6, kv_bytes_per_token
+    prompts = _prompts(1)
+    prompts += [prompts[0] + [3, 4, 5]]                               # reuses the first prompt's cached blocks
+    engine = LLMEngine(MODEL, num_blocks=40, block_size=4, max_num_batched_tokens=8, kv_scheme=kv)
+    got = engine.generate(prompts[:-1], SamplingParams(max_tokens=8)) + engine.generate(prompts[-1:], SamplingParams(max_tokens=8))
+    assert got == [generate6(MODEL, p, 8, greedy=True, kv=kv) for p in prompts]
+    assert engine.metrics()["cached_prompt_tokens"] > 0
+    assert engine.cache.nbytes == kv_bytes_per_token(MODEL.cfg, kv, torch.float64) * 40 * 4
+    assert engine.bm.num_used == 0
+
+def test_int8_paged_kv_stays_close_to_the_float_path():
+    "One batched step's logits with int8 KV are within 2% of the float pool's (and pick the same tokens); int4 drifts more."
+    logits = {}
+    for kv in ("fp", "int8", "int4"):
+        engine = LLMEngine(MODEL, num_blocks=40, block_size=4, kv_scheme=kv)
+        for p in _prompts(2): engine.add_request(p)
+        logits[kv] = engine._forward(engine.scheduler.schedule())     # (5, V)
+    err = {kv: float((logits[kv] - logits["fp"]).abs().max() / logits["fp"].abs().max()) for kv in ("int8", "int4")}
+    assert err["int8"] < 0.02 and err["int8"] < err["int4"], err
+    assert torch.equal(logits["int8"].argmax(-1), logits["fp"].argmax(-1))
+
+def test_paged_cache_refuses_kivi_by_name():
+    with pytest.raises(ValueError, match="KIVI"): LLMEngine(MODEL, num_blocks=4, block_size=4, kv_scheme="kivi2")
+
+# --- n > 1 choices: one prefill, blocks shared by fork, copy-on-write ---
+
+def test_n_choices_share_prompt_blocks_and_equal_separate_seeded_requests():
+    "n = 3: one prefill, three block tables over the same blocks; choice i draws what a lone request seeded seed + i draws."
+    prompt, params = list(range(10)), dict(max_tokens=6, temperature=1.0)   # 3 blocks of 4, the last one partly filled
+    engine = LLMEngine(MODEL, num_blocks=20, block_size=4)
+    rid = engine.add_request(prompt, SamplingParams(**params, seed=3, n=3))
+    got = [[] for _ in range(3)]
+    outs = engine.step()                                               # prefill once, then fork into 3
+    assert sorted(o.index for o in outs) == [0, 1, 2] and {o.seq_id for o in outs} == {rid}
+    assert engine.bm.num_used == 3 and engine.stats["prompt_tokens"] == 10
+    for o in outs: got[o.index].append(o.token)
+    for o in engine.step(): got[o.index].append(o.token)              # each writes into the shared last block:
+    assert engine.bm.num_used == 3 + 2                                 # two copy it, the last holder writes in place
+    while engine.has_unfinished():
+        for o in engine.step(): got[o.index].append(o.token)
+    assert engine.bm.num_used == 0 and not engine.seqs
+    alone_engine = LLMEngine(MODEL, num_blocks=20, block_size=4)
+    assert got == [alone_engine.generate([prompt], SamplingParams(**params, seed=3 + i))[0] for i in range(3)]
+    assert len({tuple(g) for g in got}) > 1                            # the choices differ
+
+def test_n_greedy_choices_with_int8_kv_and_preemption():
+    "Greedy choices are all the lone greedy answer, through an int8 pool small enough to preempt forked choices."
+    from course_lib.inference import generate as generate6
+    prompts = _prompts(3, 3)
+    engine = LLMEngine(MODEL, num_blocks=14, block_size=4, max_num_seqs=8, kv_scheme="int8")
+    got = engine.generate(prompts, SamplingParams(max_tokens=10, n=2))
+    want = [generate6(MODEL, p, 10, greedy=True, kv="int8") for p in prompts]
+    assert got == [[w, w] for w in want]
+    assert engine.metrics()["preemptions"] > 0 and engine.bm.num_used == 0
+
+def test_abort_frees_every_choice_and_n_is_checked():
+    engine = LLMEngine(MODEL, num_blocks=20, block_size=4, max_num_seqs=4)
+    rid = engine.add_request(list(range(9)), SamplingParams(max_tokens=8, n=4))
+    engine.step(); engine.step()
+    assert len(engine.seqs) == 4 and engine.bm.num_used > 3
+    engine.abort(rid)
+    assert engine.bm.num_used == 0 and not engine.seqs and not engine.has_unfinished()
+    with pytest.raises(ValueError, match="n .choices"): engine.add_request([1], SamplingParams(n=5))
+    with pytest.raises(ValueError, match="n .choices"): engine.add_request([1], SamplingParams(n=0))
+
+# --- LoRA adapters at serve time (chapter 5's peft-layout adapters), checked against merged-weight models ---
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    "Two peft-layout adapters on MODEL with non-zero B (so they change the outputs), on different projections."
+    import copy
+    from course_lib.lora import inject_lora, lora_layers, save_adapter
+    folders = {}
+    for name, targets, seed in [("a1", ["q_proj", "v_proj"], 1), ("a2", ["k_proj", "gate_proj", "down_proj"], 2)]:
+        m = copy.deepcopy(MODEL); torch.manual_seed(seed)
+        inject_lora(m, targets, r=4, alpha=8)
+        for layer in lora_layers(m).values(): torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+        folders[name] = save_adapter(m, tmp_path_factory.mktemp(name))
+    return folders
+
+def _merged_greedy(folder, prompt: list[int], n: int) -> list[int]:
+    "Reference: chapter 5's load_adapter + merge_lora on a fresh copy, then chapter 3's no-cache generate."
+    import copy
+    from course_lib.lora import load_adapter, merge_lora
+    m = copy.deepcopy(MODEL)
+    if folder is not None: load_adapter(m, folder); merge_lora(m)
+    return generate(m, torch.tensor([prompt]), n, greedy=True)[0, len(prompt):].tolist()
+
+def test_lora_adapters_in_one_batch_equal_their_merged_models(adapters):
+    import copy
+    prompts = _prompts(4, 6)
+    names = [None, "a1", "a2", "a1", None, "a2"]
+    engine = LLMEngine(copy.deepcopy(MODEL), num_blocks=40, block_size=4, max_num_batched_tokens=16, adapters=adapters)
+    got = engine.generate(prompts, [SamplingParams(max_tokens=8, adapter=a) for a in names])
+    assert got == [_merged_greedy(None if a is None else adapters[a], p, 8) for p, a in zip(prompts, names)]
+    assert got[1] != _merged_greedy(None, prompts[1], 8)              # the adapter does change the answer
+    assert engine.bm.num_used == 0
+
+def test_lora_prefix_cache_is_per_adapter(adapters):
+    "The same prompt under the base, then a1: no blocks reused across adapters, reused within one."
+    import copy
+    prompt = list(range(13))
+    engine = LLMEngine(copy.deepcopy(MODEL), num_blocks=40, block_size=4, adapters=adapters)
+    assert engine.generate([prompt], SamplingParams(max_tokens=4))[0] == _merged_greedy(None, prompt, 4)
+    assert engine.generate([prompt], SamplingParams(max_tokens=4, adapter="a1"))[0] == _merged_greedy(adapters["a1"], prompt, 4)
+    assert engine.stats["cached_prompt_tokens"] == 0
+    engine.generate([prompt], SamplingParams(max_tokens=4, adapter="a1"))
+    assert engine.stats["cached_prompt_tokens"] == 12
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'a3'"): engine.add_request([1], SamplingParams(adapter="a3"))

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from course_lib.engine import LLMEngine, SamplingParams
@@ -121,7 +122,7 @@ def test_tool_calls_in_openai_shape(client, server, monkeypatch):
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
 ])
 def test_bad_chat_input_is_a_clear_4xx(server, body, status, words):
     headers = {"Authorization": f"Bearer {KEY}"} | ({} if isinstance(body, dict) else {"Content-Type": "application/json"})
@@ -201,9 +202,14 @@ def test_camp_serve_command(server, tmp_path):
     folder = tmp_path / "model"
     save_hf(server["tok"], folder)
     export_hf(server["model"], folder, tokenizer=folder)
+    import copy
+    from course_lib.lora import inject_lora, save_adapter
+    adapted = copy.deepcopy(server["model"]); inject_lora(adapted, ["q_proj"], r=2)   # B = 0: the base's answers
+    save_adapter(adapted, tmp_path / "ad")
     port = _free_port()
     camp = Path(sys.executable).with_name("camp")
-    proc = subprocess.Popen([str(camp), "serve", str(folder), "--port", str(port), "--api-key", "k2", "--num-blocks", "64"],
+    proc = subprocess.Popen([str(camp), "serve", str(folder), "--port", str(port), "--api-key", "k2", "--num-blocks", "64",
+                             "--lora", f"ad={tmp_path / 'ad'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(600):
@@ -211,9 +217,10 @@ def test_camp_serve_command(server, tmp_path):
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200: break
             except httpx.HTTPError: time.sleep(0.1)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0, timeout=60)
-        assert [m.id for m in c.models.list()] == ["model"]
-        got = c.completions.create(model="model", prompt="def main():", max_tokens=6, temperature=0).choices[0].text
-        assert got == server["tok"].decode(_greedy(server, server["tok"].encode("def main():"), 6))
+        assert [m.id for m in c.models.list()] == ["model", "ad"]
+        for name in ("model", "ad"):
+            got = c.completions.create(model=name, prompt="def main():", max_tokens=6, temperature=0).choices[0].text
+            assert got == server["tok"].decode(_greedy(server, server["tok"].encode("def main():"), 6))
     finally:
         proc.terminate(); proc.wait(timeout=20)
 
@@ -231,3 +238,77 @@ def test_serve_stage_reports_and_leaks_nothing(server, tmp_path):
     assert "time to first token" in report and "0 of 128 KV blocks held" in report
     assert ctx.summary["serve"]["models"] == ["camp"] and ctx.summary["serve"]["metrics"]["generated_tokens"] > 0
     assert json.loads((tmp_path / "serve" / "smoke.json").read_text())["models"] == ["camp"]
+
+
+# --- n > 1 choices (one prefill, the prompt's blocks shared by fork) ---
+
+def _sampled(server, prompt_ids, n, seed):
+    "Independent of the server: a lone seeded request through a fresh engine."
+    tok = server["tok"]
+    stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
+    params = SamplingParams(max_tokens=n, temperature=1.0, seed=seed, stop_ids=stops)
+    return LLMEngine(server["model"], num_blocks=64, block_size=8).generate([prompt_ids], params)[0]
+
+
+def test_n_completions_equal_lone_seeded_requests(client, server):
+    "n=3 through the openai client: choice i is what a lone request seeded seed + i samples; usage counts all choices."
+    got = client.completions.create(model="tiny", prompt="def main():", max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    want = [_sampled(server, server["tok"].encode("def main():"), 8, 5 + i) for i in range(3)]
+    assert [c.text for c in got.choices] == [server["tok"].decode(w) for w in want]
+    assert got.usage.completion_tokens == sum(len(w) for w in want)
+    assert len({c.text for c in got.choices}) > 1
+
+
+def test_n_chat_streaming_reassembles_to_the_whole_answer(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=1.0, seed=11, n=2)
+    whole = client.chat.completions.create(**kw)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices: texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content or "" for c in whole.choices]
+
+
+def test_n_too_large_is_a_clear_4xx(server):
+    r = httpx.post(server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "x", "n": 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "16" in r.json()["error"]["message"]
+    _assert_no_leak(server["engine"])
+
+
+# --- LoRA adapters named through `model` ---
+
+def test_lora_adapter_named_by_model_equals_merged_model(tmp_path):
+    "The openai client asks for model='sql' (an adapter): the answer is the merged-weights model's; the base stays the base."
+    import copy
+    from course_lib.lora import inject_lora, lora_layers, merge_lora, save_adapter
+    from course_lib.serve import serve_in_thread
+    model, tok = tiny_chat_model()
+    m = copy.deepcopy(model); torch.manual_seed(0)
+    inject_lora(m, ["q_proj", "v_proj", "up_proj"], r=4, alpha=8)
+    for layer in lora_layers(m).values(): torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    folder = save_adapter(m, tmp_path / "sql")
+    merged = merge_lora(_loaded(model, folder))
+    engine = LLMEngine(copy.deepcopy(model), num_blocks=64, block_size=8, adapters={"sql": folder})
+    url, stop = serve_in_thread(create_app(engine, tok, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        listed = {m.id: getattr(m, "parent", None) for m in client.models.list()}
+        assert listed == {"tiny": None, "sql": "tiny"}
+        ids = tok.encode("SELECT")
+        stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
+        def greedy(mdl): return tok.decode(LLMEngine(mdl, num_blocks=64, block_size=8).generate([ids], SamplingParams(max_tokens=10, stop_ids=stops))[0])
+        got = {name: client.completions.create(model=name, prompt="SELECT", max_tokens=10, temperature=0).choices[0].text
+               for name in ("sql", "tiny")}
+        assert got == {"sql": greedy(merged), "tiny": greedy(model)} and got["sql"] != got["tiny"]
+        with pytest.raises(openai.NotFoundError, match="'tiny', 'sql'"):
+            client.completions.create(model="nope", prompt="x", max_tokens=2)
+        _assert_no_leak(engine)
+    finally: stop()
+
+
+def _loaded(model, folder):
+    "A fresh copy of `model` with the adapter in `folder` loaded (chapter 5)."
+    import copy
+    from course_lib.lora import load_adapter
+    m = copy.deepcopy(model); load_adapter(m, folder); return m
