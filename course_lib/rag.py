@@ -263,8 +263,9 @@ class Hit:
     score: float
 
 class KnowledgeBase:
-    "Documents chunked and indexed twice (BM25 and, with an embedder, FAISS); add/replace/delete update both in place."
-    def __init__(self, embedder: Embedder | None = None, max_chars: int = 800, overlap: int = 100):
+    "Documents chunked and indexed twice (BM25 and, with an embedder, a vector store); add/replace/delete update both in place."
+    def __init__(self, embedder: Embedder | None = None, max_chars: int = 800, overlap: int = 100,
+                 index=None):  # a vector store with FAISS's id-map calls (default: FAISS flat inner product), e.g. chapter 10b's QdrantIndex
         self.embedder, self.max_chars, self.overlap = embedder, max_chars, overlap
         self.docs: dict[str, str] = {}          # source -> text
         self.chunks: dict[str, Chunk] = {}      # chunk id -> chunk
@@ -273,8 +274,8 @@ class KnowledgeBase:
         self._vid: dict[str, int] = {}          # chunk id -> FAISS id
         self._cid: dict[int, str] = {}
         self._next = 0
-        self.index = None
-        if embedder is not None:
+        self.index = index
+        if embedder is not None and index is None:
             import faiss
             self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(embedder.dim))
 
@@ -364,8 +365,8 @@ def save_kb(kb: KnowledgeBase, path: str | Path):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
-def load_kb(path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase:
-    "Reload a saved knowledge base without re-embedding; the embedder must match the one it was built with."
+def load_kb(path: str | Path, embedder: Embedder | None = None, index=None) -> KnowledgeBase:
+    "Reload a saved knowledge base without re-embedding (into `index`, an empty vector store, or FAISS); the embedder must match the one it was built with."
     path = Path(path)
     if not (path / "meta.json").exists():
         raise FileNotFoundError(f"{str(path)!r} holds no saved knowledge base (meta.json missing)")
@@ -373,7 +374,7 @@ def load_kb(path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase
     got = (embedder.name, embedder.dim) if embedder else (None, None)
     if got != (meta["embedder"], meta["dim"]):
         raise ValueError(f"index was built with embedder {meta['embedder']!r} (dim {meta['dim']}), got {got[0]!r} (dim {got[1]})")
-    kb = KnowledgeBase(embedder, meta["max_chars"], meta["overlap"])
+    kb = KnowledgeBase(embedder, meta["max_chars"], meta["overlap"], index)
     vecs = np.load(path / "vectors.npy") if embedder else None
     row = 0
     for source, text in json.loads((path / "docs.json").read_text()).items():
@@ -416,11 +417,12 @@ def chinese_questions(docs: dict[str, str]) -> list[dict]:
     "One question per article: '<its headline>是怎么回事？'; relevant = that article."
     return [{"question": t.split("\n", 1)[0].strip()[:40] + "是怎么回事？", "relevant": {s}, "on_topic": True} for s, t in docs.items()]
 
-def evaluate_retrieval(kb: KnowledgeBase, questions: list[dict], mode: str, k: int = 5, depth: int = 50) -> dict:
-    "Mean recall@k, MRR and nDCG@k at document level (a chunk's source is what counts) for one retrieval mode."
+def evaluate_retrieval(kb: KnowledgeBase, questions: list[dict], mode: str, k: int = 5, depth: int = 50,
+                       search: Callable[[str, int], list[Hit]] | None = None) -> dict:
+    "Mean recall@k, MRR and nDCG@k at document level (a chunk's source is what counts) for one retrieval mode, or for `search(query, n)`."
     rec, rr, nd = [], [], []
     for q in questions:
-        ranked = list(dict.fromkeys(h.chunk.source for h in kb.search(q["question"], depth, mode)))   # sources, first hit order
+        ranked = list(dict.fromkeys(h.chunk.source for h in (search(q["question"], depth) if search else kb.search(q["question"], depth, mode))))   # sources, first hit order
         rec.append(recall_at_k(ranked, q["relevant"], k)); rr.append(reciprocal_rank(ranked, q["relevant"]))
         nd.append(ndcg_at_k(ranked, q["relevant"], k))
     return {"mode": mode, f"recall@{k}": float(np.mean(rec)), "mrr": float(np.mean(rr)), f"ndcg@{k}": float(np.mean(nd)), "n": len(questions)}
