@@ -1,5 +1,5 @@
 """Chapter 10b: one generator interface (the course model in-process, its transformers export, chapter 7's server give the
-same cited answers), citations checked, MaxSim against a hand computation and against transformers' token vectors,
+same cited answers), citations checked, the keyword graph against hand-counted co-occurrences, MaxSim against a hand computation and against transformers' token vectors,
 reranking reorders only the pool, Qdrant returns what FAISS returns (search, live updates, persistence)."""
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from course_lib.rag import (OFF_TOPIC, REFUSAL, Gate, HashEmbedder, KnowledgeBase, answer, english_questions,
                             evaluate_retrieval, load_kb, python_reference_docs, save_kb)
 from course_lib.rag_plus import (MaxSimReranker, QdrantIndex, check_citations, evaluate_answers, evaluate_reranked,
-                                 lm_generator, rerank)
+                                 expand_query, keyword_graph, lm_generator, rerank)
 from tiny import tiny_chat_model
 
 DOCS = python_reference_docs()
@@ -150,3 +150,17 @@ def test_qdrant_returns_what_faiss_returns_through_live_updates(tmp_path):
     back.index.client.close()
     with pytest.raises(ValueError, match="64-dim vectors"): QdrantIndex(32, str(tmp_path / "qdrant"))
     with pytest.raises(ValueError, match=r"\(n, 64\)"): q_kb.index.add_with_ids(np.zeros((2, 3)), np.arange(2))
+
+
+def test_keyword_graph_counts_shared_chunks_by_hand():
+    kb = KnowledgeBase(None)
+    for s, t in [("a", "apple banana cherry"), ("c", "apple banana"), ("d", "dates"), ("b", "banana cherry")]: kb.add(s, t)
+    g = keyword_graph(kb, per_chunk=10)
+    want = {("apple", "banana"): 2, ("apple", "cherry"): 1, ("banana", "cherry"): 2}
+    assert {tuple(sorted(e)): d["weight"] for *e, d in g.edges(data=True)} == want and "dates" in g and not g["dates"]
+    assert sorted(g["banana"]["cherry"]["chunks"]) == sorted(["a#0-19", "b#0-13"])
+    assert expand_query(g, "cherry", 1) == "cherry banana"            # banana (2 shared chunks) before apple (1)
+    assert expand_query(g, "cherry apple", 2) == "cherry apple banana"  # no term twice
+    assert expand_query(g, "unknown words") == "unknown words"
+    kb.delete("b")                                                    # rebuilt from the live BM25 statistics
+    assert keyword_graph(kb, per_chunk=10)["banana"]["cherry"]["weight"] == 1
