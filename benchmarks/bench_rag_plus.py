@@ -7,7 +7,8 @@ once (all-MiniLM-L6-v2) and handed to every store, so the stores are compared on
   dense recall@5/MRR, agreement of the top 5 with FAISS, queries/s, load time.
 Question vectors are cached after their first use, so queries/s is search (and fusion, and MaxSim's passage encoding), not
 embedding the question; the machine was shared while measuring, so timings are noisy.
-Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20]`.
+- knowledge graph: BM25 with the query expanded through the keyword co-occurrence graph (`--graph-only`: just this, no MiniLM).
+Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--graph-only]`.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ import numpy as np
 
 from course_lib.rag import (KnowledgeBase, MiniLMEmbedder, chinese_news_docs, chinese_questions, english_questions,
                             evaluate_retrieval, python_reference_docs)
-from course_lib.rag_plus import MaxSimReranker, QdrantIndex, evaluate_reranked
+from course_lib.rag_plus import MaxSimReranker, QdrantIndex, evaluate_reranked, expand_query, keyword_graph
 
 
 class CachedQueries:
@@ -67,6 +68,16 @@ def top5_agreement(a, b, questions) -> float:
                           for q in questions]))
 
 
+def graph_rows(kb: KnowledgeBase, questions: list[dict], per_chunk: int = 6) -> list[dict]:
+    "BM25 alone, then with each query term's 1 or 2 strongest graph neighbours added."
+    g = keyword_graph(kb, per_chunk)
+    rows = [evaluate_retrieval(kb, questions, "bm25")]
+    for n in (1, 2):
+        search = lambda q, k: kb.search(expand_query(g, q, n), k, "bm25")
+        rows.append(evaluate_retrieval(kb, questions, "bm25", search=search) | {"mode": f"bm25, query + {n} graph neighbour(s)/term"})
+    return rows
+
+
 def timed(kb, questions, mode, **kw) -> dict:
     t0 = time.perf_counter(); r = evaluate_retrieval(kb, questions, mode, **kw)
     return r | {"qps": len(questions) / (time.perf_counter() - t0)}
@@ -75,12 +86,21 @@ def timed(kb, questions, mode, **kw) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-en", type=int, default=79); ap.add_argument("--n-zh", type=int, default=60)
-    ap.add_argument("--pool", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=20); ap.add_argument("--graph-only", action="store_true")
     args = ap.parse_args(argv)
-    emb = CachedQueries(MiniLMEmbedder()); maxsim = MaxSimReranker(emb)
+    sets = [("en", dict(list(python_reference_docs().items())[:args.n_en]), english_questions),
+            ("zh", chinese_news_docs(args.n_zh), chinese_questions)]
     out = {}
-    for lang, docs, make_qs in [("en", dict(list(python_reference_docs().items())[:args.n_en]), english_questions),
-                                ("zh", chinese_news_docs(args.n_zh), chinese_questions)]:
+    for lang, docs, make_qs in sets:
+        kb, qs = build(docs, None)[0], make_qs(docs)
+        out[f"graph_{lang}"] = rows = graph_rows(kb, qs)
+        print(f"\n## {lang}: keyword graph, {len(docs)} documents, {len(kb)} chunks, {len(qs)} questions")
+        print("| retriever | recall@5 | MRR | nDCG@5 |\n|---|---|---|---|")
+        for r in rows: print(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ndcg@5']:.3f} |")
+    if args.graph_only:
+        print(json.dumps(out, default=float)); return
+    emb = CachedQueries(MiniLMEmbedder()); maxsim = MaxSimReranker(emb)
+    for lang, docs, make_qs in sets:
         qs = make_qs(docs)
         kb, build_s = build(docs, emb)
         vectors = {s: np.stack([kb.index.reconstruct(kb._vid[c]) for c in kb.by_source[s]]) for s in docs}

@@ -503,7 +503,7 @@ def oracle_generate(prompt: str) -> str:
 # %% ../nbs/10_rag.ipynb #7b728d4f
 @stage("rag", order=100)
 def rag_stage(ctx: RunContext) -> str:
-    "Index the Python reference text; report recall/MRR/nDCG per retriever and the gate fitted on half the labelled questions."
+    "Index the Python reference text; report recall/MRR/nDCG per retriever, the gate fitted on half the labelled questions, and answers on the other half."
     docs = python_reference_docs()
     if ctx.settings.tier == "ci":   # seconds, not minutes: 20 topics and the hashed embedder
         docs, emb = dict(list(docs.items())[:20]), HashEmbedder()
@@ -521,10 +521,24 @@ def rag_stage(ctx: RunContext) -> str:
     test_idx = [i for i in range(len(scores)) if i not in set(fit_idx)]
     fit = fit_threshold([scores[i] for i in fit_idx], [labels[i] for i in fit_idx])
     held = gate_report([scores[i] for i in test_idx], [labels[i] for i in test_idx], fit["threshold"])
+    from course_lib.rag_plus import evaluate_answers, lm_generator   # chapter 10b: real generators, checked citations
+    gate, held_qs, held_off = Gate(fit["threshold"]), qs[1::2], OFF_TOPIC[half:]
+    answers = {"extractive oracle": evaluate_answers(kb, held_qs, oracle_generate, gate, held_off)}
+    for rel, chat in (("finetune/merged", True), ("pretrain/model", False)):   # the run's own model, when it has one
+        if (ctx.run_dir / rel / "config.json").exists():
+            from course_lib.eval import CourseLM
+            gen = lm_generator(CourseLM.from_dir(ctx.run_dir / rel), max_tokens=48, chat=chat)
+            answers[f"course model ({rel})"] = evaluate_answers(kb, held_qs[:8], gen, gate, held_off[:4], k=2)
+            break
     save_kb(kb, ctx.stage_dir("rag") / "kb")
-    ctx.summary["rag"] = {"retrieval": rows, "gate_fit": fit, "gate_heldout": held, "embedder": emb.name, "build_s": build_s}
+    ctx.summary["rag"] = {"retrieval": rows, "gate_fit": fit, "gate_heldout": held, "answers": answers, "embedder": emb.name,
+                          "build_s": build_s}
+    arows = "\n".join(f"| {name} | {a['questions']} + {a['off_topic']} | {a['answers_citing']:.2f} | {a['citation_precision']:.2f} | "
+                      f"{a['refused_off_topic']}/{a['off_topic']} | {a['invalid_markers']} |" for name, a in answers.items())
     table = "\n".join(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ndcg@5']:.3f} |" for r in rows)
     return (f"{len(docs)} Python reference topics, {len(kb)} chunks, embedder {emb.name}, built in {build_s:.1f} s.\n\n"
             f"| retrieval | recall@5 | MRR | nDCG@5 |\n|---|---|---|---|\n{table}\n\n"
             f"Gate: threshold {fit['threshold']:.3f} fitted on {len(fit_idx)} labelled questions; on the other {len(test_idx)}: "
-            f"precision {held['precision']:.2f}, recall {held['recall']:.2f}.\n")
+            f"precision {held['precision']:.2f}, recall {held['recall']:.2f}.\n\n"
+            f"| generator | questions + off-topic | answers citing | citation precision | off-topic refused | invalid [n] |\n"
+            f"|---|---|---|---|---|---|\n{arows}\n")

@@ -164,3 +164,21 @@ def test_keyword_graph_counts_shared_chunks_by_hand():
     assert expand_query(g, "unknown words") == "unknown words"
     kb.delete("b")                                                    # rebuilt from the live BM25 statistics
     assert keyword_graph(kb, per_chunk=10)["banana"]["cherry"]["weight"] == 1
+
+
+def test_rag_stage_answers_with_the_runs_own_model(tmp_path):
+    "`camp run`'s rag stage adds an answers table: the oracle, and the run's fine-tuned model when there is one."
+    from course_lib.core import RunContext, load_settings
+    from course_lib.model import export_hf
+    from course_lib.rag import rag_stage
+    from course_lib.tokenizer import save_hf
+    ctx = RunContext(tmp_path / "run", load_settings("ci"))
+    model, tok = tiny_chat_model(max_seq_len=512)
+    export_hf(model, ctx.run_dir / "finetune" / "merged"); save_hf(tok, ctx.run_dir / "finetune" / "merged")
+    report = rag_stage(ctx)
+    answers = ctx.summary["rag"]["answers"]
+    assert set(answers) == {"extractive oracle", "course model (finetune/merged)"}
+    assert "| course model (finetune/merged) | 8 + 4 |" in report and "| extractive oracle |" in report
+    for a in answers.values():
+        assert a["citations_all_shown"] and a["refused_off_topic"] <= a["off_topic"]
+    assert answers["extractive oracle"]["answers_citing"] == 1.0   # the oracle always cites the passage it quotes
