@@ -263,8 +263,9 @@ class Hit:
     score: float
 
 class KnowledgeBase:
-    "Documents chunked and indexed twice (BM25 and, with an embedder, FAISS); add/replace/delete update both in place."
-    def __init__(self, embedder: Embedder | None = None, max_chars: int = 800, overlap: int = 100):
+    "Documents chunked and indexed twice (BM25 and, with an embedder, a vector store); add/replace/delete update both in place."
+    def __init__(self, embedder: Embedder | None = None, max_chars: int = 800, overlap: int = 100,
+                 index=None):  # a vector store with FAISS's id-map calls (default: FAISS flat inner product), e.g. chapter 10b's QdrantIndex
         self.embedder, self.max_chars, self.overlap = embedder, max_chars, overlap
         self.docs: dict[str, str] = {}          # source -> text
         self.chunks: dict[str, Chunk] = {}      # chunk id -> chunk
@@ -273,8 +274,8 @@ class KnowledgeBase:
         self._vid: dict[str, int] = {}          # chunk id -> FAISS id
         self._cid: dict[int, str] = {}
         self._next = 0
-        self.index = None
-        if embedder is not None:
+        self.index = index
+        if embedder is not None and index is None:
             import faiss
             self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(embedder.dim))
 
@@ -364,8 +365,8 @@ def save_kb(kb: KnowledgeBase, path: str | Path):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
-def load_kb(path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase:
-    "Reload a saved knowledge base without re-embedding; the embedder must match the one it was built with."
+def load_kb(path: str | Path, embedder: Embedder | None = None, index=None) -> KnowledgeBase:
+    "Reload a saved knowledge base without re-embedding (into `index`, an empty vector store, or FAISS); the embedder must match the one it was built with."
     path = Path(path)
     if not (path / "meta.json").exists():
         raise FileNotFoundError(f"{str(path)!r} holds no saved knowledge base (meta.json missing)")
@@ -373,7 +374,7 @@ def load_kb(path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase
     got = (embedder.name, embedder.dim) if embedder else (None, None)
     if got != (meta["embedder"], meta["dim"]):
         raise ValueError(f"index was built with embedder {meta['embedder']!r} (dim {meta['dim']}), got {got[0]!r} (dim {got[1]})")
-    kb = KnowledgeBase(embedder, meta["max_chars"], meta["overlap"])
+    kb = KnowledgeBase(embedder, meta["max_chars"], meta["overlap"], index)
     vecs = np.load(path / "vectors.npy") if embedder else None
     row = 0
     for source, text in json.loads((path / "docs.json").read_text()).items():
@@ -416,11 +417,12 @@ def chinese_questions(docs: dict[str, str]) -> list[dict]:
     "One question per article: '<its headline>是怎么回事？'; relevant = that article."
     return [{"question": t.split("\n", 1)[0].strip()[:40] + "是怎么回事？", "relevant": {s}, "on_topic": True} for s, t in docs.items()]
 
-def evaluate_retrieval(kb: KnowledgeBase, questions: list[dict], mode: str, k: int = 5, depth: int = 50) -> dict:
-    "Mean recall@k, MRR and nDCG@k at document level (a chunk's source is what counts) for one retrieval mode."
+def evaluate_retrieval(kb: KnowledgeBase, questions: list[dict], mode: str, k: int = 5, depth: int = 50,
+                       search: Callable[[str, int], list[Hit]] | None = None) -> dict:
+    "Mean recall@k, MRR and nDCG@k at document level (a chunk's source is what counts) for one retrieval mode, or for `search(query, n)`."
     rec, rr, nd = [], [], []
     for q in questions:
-        ranked = list(dict.fromkeys(h.chunk.source for h in kb.search(q["question"], depth, mode)))   # sources, first hit order
+        ranked = list(dict.fromkeys(h.chunk.source for h in (search(q["question"], depth) if search else kb.search(q["question"], depth, mode))))   # sources, first hit order
         rec.append(recall_at_k(ranked, q["relevant"], k)); rr.append(reciprocal_rank(ranked, q["relevant"]))
         nd.append(ndcg_at_k(ranked, q["relevant"], k))
     return {"mode": mode, f"recall@{k}": float(np.mean(rec)), "mrr": float(np.mean(rr)), f"ndcg@{k}": float(np.mean(nd)), "n": len(questions)}
@@ -501,7 +503,7 @@ def oracle_generate(prompt: str) -> str:
 # %% ../nbs/10_rag.ipynb #7b728d4f
 @stage("rag", order=100)
 def rag_stage(ctx: RunContext) -> str:
-    "Index the Python reference text; report recall/MRR/nDCG per retriever and the gate fitted on half the labelled questions."
+    "Index the Python reference text; report recall/MRR/nDCG per retriever, the gate fitted on half the labelled questions, and answers on the other half."
     docs = python_reference_docs()
     if ctx.settings.tier == "ci":   # seconds, not minutes: 20 topics and the hashed embedder
         docs, emb = dict(list(docs.items())[:20]), HashEmbedder()
@@ -519,10 +521,24 @@ def rag_stage(ctx: RunContext) -> str:
     test_idx = [i for i in range(len(scores)) if i not in set(fit_idx)]
     fit = fit_threshold([scores[i] for i in fit_idx], [labels[i] for i in fit_idx])
     held = gate_report([scores[i] for i in test_idx], [labels[i] for i in test_idx], fit["threshold"])
+    from course_lib.rag_plus import evaluate_answers, lm_generator   # chapter 10b: real generators, checked citations
+    gate, held_qs, held_off = Gate(fit["threshold"]), qs[1::2], OFF_TOPIC[half:]
+    answers = {"extractive oracle": evaluate_answers(kb, held_qs, oracle_generate, gate, held_off)}
+    for rel, chat in (("finetune/merged", True), ("pretrain/model", False)):   # the run's own model, when it has one
+        if (ctx.run_dir / rel / "config.json").exists():
+            from course_lib.eval import CourseLM
+            gen = lm_generator(CourseLM.from_dir(ctx.run_dir / rel), max_tokens=48, chat=chat)
+            answers[f"course model ({rel})"] = evaluate_answers(kb, held_qs[:8], gen, gate, held_off[:4], k=2)
+            break
     save_kb(kb, ctx.stage_dir("rag") / "kb")
-    ctx.summary["rag"] = {"retrieval": rows, "gate_fit": fit, "gate_heldout": held, "embedder": emb.name, "build_s": build_s}
+    ctx.summary["rag"] = {"retrieval": rows, "gate_fit": fit, "gate_heldout": held, "answers": answers, "embedder": emb.name,
+                          "build_s": build_s}
+    arows = "\n".join(f"| {name} | {a['questions']} + {a['off_topic']} | {a['answers_citing']:.2f} | {a['citation_precision']:.2f} | "
+                      f"{a['refused_off_topic']}/{a['off_topic']} | {a['invalid_markers']} |" for name, a in answers.items())
     table = "\n".join(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ndcg@5']:.3f} |" for r in rows)
     return (f"{len(docs)} Python reference topics, {len(kb)} chunks, embedder {emb.name}, built in {build_s:.1f} s.\n\n"
             f"| retrieval | recall@5 | MRR | nDCG@5 |\n|---|---|---|---|\n{table}\n\n"
             f"Gate: threshold {fit['threshold']:.3f} fitted on {len(fit_idx)} labelled questions; on the other {len(test_idx)}: "
-            f"precision {held['precision']:.2f}, recall {held['recall']:.2f}.\n")
+            f"precision {held['precision']:.2f}, recall {held['recall']:.2f}.\n\n"
+            f"| generator | questions + off-topic | answers citing | citation precision | off-topic refused | invalid [n] |\n"
+            f"|---|---|---|---|---|---|\n{arows}\n")

@@ -1,0 +1,139 @@
+"""Chapter 10b benchmark: the reranker before vs after, Qdrant vs FAISS, and LlamaIndex's vector retriever, on the same chunks.
+
+English: the Python reference questions (79 topics); Chinese: the news slice questions (60 articles). Chunk vectors are embedded
+once (all-MiniLM-L6-v2) and handed to every store, so the stores are compared on search alone.
+- reranking: hybrid vs hybrid + MaxSim over the top `pool` (recall@5, MRR, nDCG@5 at document level);
+- vector stores: FAISS flat IP (ours) vs Qdrant local (':memory:') vs LlamaIndex `VectorStoreIndex` with our embedder:
+  dense recall@5/MRR, agreement of the top 5 with FAISS, queries/s, load time.
+Question vectors are cached after their first use, so queries/s is search (and fusion, and MaxSim's passage encoding), not
+embedding the question; the machine was shared while measuring, so timings are noisy.
+- knowledge graph: BM25 with the query expanded through the keyword co-occurrence graph (`--graph-only`: just this, no MiniLM).
+Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--graph-only]`.
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from course_lib.rag import (KnowledgeBase, MiniLMEmbedder, chinese_news_docs, chinese_questions, english_questions,
+                            evaluate_retrieval, python_reference_docs)
+from course_lib.rag_plus import MaxSimReranker, QdrantIndex, evaluate_reranked, expand_query, keyword_graph
+
+
+class CachedQueries:
+    "The embedder with its single-text encodings (the questions) cached: every retriever then times search, not embedding."
+    def __init__(self, emb):
+        self.emb, self.name, self.dim, self.model, self.cache = emb, emb.name, emb.dim, emb.model, {}
+    def encode(self, texts):
+        if len(texts) != 1: return self.emb.encode(texts)
+        if texts[0] not in self.cache: self.cache[texts[0]] = self.emb.encode(texts)
+        return self.cache[texts[0]]
+
+
+def build(docs: dict, emb, index=None, vectors: dict | None = None) -> tuple[KnowledgeBase, float]:
+    "A knowledge base over docs (vectors per source given: no embedding); seconds taken."
+    t0 = time.perf_counter(); kb = KnowledgeBase(emb, index=index)
+    for s, t in docs.items(): kb.add(s, t, None if vectors is None else vectors[s])
+    return kb, time.perf_counter() - t0
+
+
+def llama_index_dense(kb: KnowledgeBase, emb, questions: list[dict], depth: int = 50) -> dict:
+    "LlamaIndex's VectorStoreIndex (SimpleVectorStore) over the same chunks and vectors, our embedder for the queries."
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.embeddings import BaseEmbedding
+    from llama_index.core.schema import TextNode
+
+    class Ours(BaseEmbedding):
+        def _get_query_embedding(self, query): return emb.encode([query])[0].tolist()
+        def _get_text_embedding(self, text): return emb.encode([text])[0].tolist()
+        async def _aget_query_embedding(self, query): return self._get_query_embedding(query)
+
+    t0 = time.perf_counter()
+    nodes = [TextNode(id_=cid, text=kb.index_text(c), embedding=kb.index.reconstruct(kb._vid[cid]).tolist())
+             for cid, c in kb.chunks.items()]
+    index = VectorStoreIndex(nodes, embed_model=Ours(model_name=emb.name))
+    retriever = index.as_retriever(similarity_top_k=depth)
+    load = time.perf_counter() - t0
+    search = lambda q, n: [type("H", (), {"chunk": kb.chunks[r.node.node_id], "score": r.score})() for r in retriever.retrieve(q)[:n]]
+    t0 = time.perf_counter(); r = evaluate_retrieval(kb, questions, "dense", depth=depth, search=search)
+    return r | {"mode": "dense, LlamaIndex VectorStoreIndex", "qps": len(questions) / (time.perf_counter() - t0), "load_s": load,
+                "search": search}
+
+
+def top5_agreement(a, b, questions) -> tuple[float, float]:
+    """(mean overlap of the top-5 chunk ids, share of questions whose top-5 scores agree to 1e-5) of two searches; the ids can
+    differ where chunks tie exactly (the Python reference repeats text across topics: 244 of 791 chunks share their text)."""
+    ids, scores = [], []
+    for q in questions:
+        x, y = a(q["question"], 5), b(q["question"], 5)
+        ids.append(len({h.chunk.id for h in x} & {h.chunk.id for h in y}) / 5)
+        scores.append(np.allclose([h.score for h in x], [h.score for h in y], atol=1e-5))
+    return float(np.mean(ids)), float(np.mean(scores))
+
+
+def graph_rows(kb: KnowledgeBase, questions: list[dict], per_chunk: int = 6) -> list[dict]:
+    "BM25 alone, then with each query term's 1 or 2 strongest graph neighbours added."
+    g = keyword_graph(kb, per_chunk)
+    rows = [evaluate_retrieval(kb, questions, "bm25")]
+    for n in (1, 2):
+        search = lambda q, k: kb.search(expand_query(g, q, n), k, "bm25")
+        rows.append(evaluate_retrieval(kb, questions, "bm25", search=search) | {"mode": f"bm25, query + {n} graph neighbour(s)/term"})
+    return rows
+
+
+def timed(kb, questions, mode, **kw) -> dict:
+    t0 = time.perf_counter(); r = evaluate_retrieval(kb, questions, mode, **kw)
+    return r | {"qps": len(questions) / (time.perf_counter() - t0)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-en", type=int, default=79); ap.add_argument("--n-zh", type=int, default=60)
+    ap.add_argument("--pool", type=int, default=20); ap.add_argument("--graph-only", action="store_true")
+    args = ap.parse_args(argv)
+    sets = [("en", dict(list(python_reference_docs().items())[:args.n_en]), english_questions),
+            ("zh", chinese_news_docs(args.n_zh), chinese_questions)]
+    out = {}
+    for lang, docs, make_qs in sets:
+        kb, qs = build(docs, None)[0], make_qs(docs)
+        out[f"graph_{lang}"] = rows = graph_rows(kb, qs)
+        print(f"\n## {lang}: keyword graph, {len(docs)} documents, {len(kb)} chunks, {len(qs)} questions")
+        print("| retriever | recall@5 | MRR | nDCG@5 |\n|---|---|---|---|")
+        for r in rows: print(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ndcg@5']:.3f} |")
+    if args.graph_only:
+        print(json.dumps(out, default=float)); return
+    emb = CachedQueries(MiniLMEmbedder()); maxsim = MaxSimReranker(emb)
+    for lang, docs, make_qs in sets:
+        qs = make_qs(docs)
+        for q in qs: emb.encode([q["question"]])   # question vectors first, so no row's queries/s includes embedding them
+        kb, build_s = build(docs, emb)
+        vectors = {s: np.stack([kb.index.reconstruct(kb._vid[c]) for c in kb.by_source[s]]) for s in docs}
+        rows = [timed(kb, qs, m) for m in ("bm25", "dense", "hybrid")]
+        t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, maxsim, pool=args.pool)
+        rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
+        qkb, q_load = build(docs, emb, QdrantIndex(emb.dim), vectors)
+        _, f_load = build(docs, emb, None, vectors)
+        qrow = timed(qkb, qs, "dense") | {"mode": "dense, Qdrant local (:memory:)", "load_s": q_load}
+        frow = rows[1] | {"mode": "dense, FAISS flat IP (ours)", "load_s": f_load}
+        qrow["top5_vs_faiss"], qrow["scores_vs_faiss"] = top5_agreement(kb.search_dense, qkb.search_dense, qs)
+        stores = [frow, qrow]
+        try:
+            lrow = llama_index_dense(kb, emb, qs)
+            lrow["top5_vs_faiss"], lrow["scores_vs_faiss"] = top5_agreement(kb.search_dense, lrow.pop("search"), qs)
+            stores.append(lrow)
+        except ImportError as e:
+            print(f"LlamaIndex left out: {e}")
+        print(f"\n## {lang}: {len(docs)} documents, {len(kb)} chunks, {len(qs)} questions; embedded in {build_s:.1f} s")
+        print("| retriever | recall@5 | MRR | nDCG@5 | queries/s |\n|---|---|---|---|---|")
+        for r in rows: print(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ndcg@5']:.3f} | {r['qps']:.1f} |")
+        print("\n| vector store | recall@5 | MRR | top-5 ids = FAISS | top-5 scores = FAISS | load s (vectors given) | queries/s |\n|---|---|---|---|---|---|---|")
+        for r in stores:
+            print(f"| {r['mode']} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r.get('top5_vs_faiss', 1.0):.3f} | {r.get('scores_vs_faiss', 1.0):.3f} | {r['load_s']:.2f} | {r['qps']:.1f} |")
+        out[lang] = {"chunks": len(kb), "questions": len(qs), "retrieval": rows, "stores": stores}
+    print(json.dumps(out, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
