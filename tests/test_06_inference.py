@@ -138,6 +138,18 @@ def test_quantised_cache_generation_runs_and_int8_agrees(model, scheme):
         assert out == generate(model, [[1, 2, 3], [4, 5]], 20, greedy=True)
 
 
+def test_lean_step_gives_the_tokens_of_decoder_forward(model, monkeypatch):
+    "StepDecoder (taken for a float32 Decoder) vs Decoder.forward: sampled with a penalty, left-padded, fp and int8 caches."
+    from course_lib.inference import StepDecoder
+    assert StepDecoder.supports(model)
+    prompts, kw = [[1, 2, 3, 4], [5, 6]], dict(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.3)
+    lean = {kv: generate(model, prompts, 25, kv=kv, generator=torch.Generator().manual_seed(2), **kw) for kv in ("fp", "int8")}
+    monkeypatch.setattr(StepDecoder, "supports", staticmethod(lambda m: False))      # every step through Decoder.forward
+    for kv, out in lean.items():
+        assert out == generate(model, prompts, 25, kv=kv, generator=torch.Generator().manual_seed(2), **kw)
+    with pytest.raises(ValueError, match="StepDecoder needs a float32 Decoder"):
+        StepDecoder(model)
+
 def test_speculative_equals_target_greedy(model):
     torch.manual_seed(5)
     draft = Decoder(tiny(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)).eval()
