@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['CACHE_SCHEMES', 'KV_SCHEMES', 'kv_bytes_per_token', 'LayerCache', 'FPCache', 'QuantCache', 'KIVICache', 'KVCache',
            'Sampling', 'apply_repetition_penalty', 'next_tokens', 'StepDecoder', 'left_pad', 'decode_steps', 'generate',
-           'stream', 'cache_perplexity', 'Int4Linear', 'quantize_weights', 'speculative_generate', 'compare_schemes',
-           'inference_stage', 'inference_demo']
+           'stream', 'cache_perplexity', 'awq_scale', 'Int4Linear', 'quantize_weights', 'speculative_generate',
+           'compare_schemes', 'inference_stage', 'inference_demo']
 
 # %% ../nbs/06_inference.ipynb #b3a3fca5
 import codecs
@@ -420,30 +420,74 @@ def cache_perplexity(model: Decoder, tokens: torch.Tensor, scheme: str | None = 
     return math.exp(total / count)
 
 # %% ../nbs/06_inference.ipynb #09aa223f
+def awq_scale(weight: torch.Tensor, x: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+              grid: int = 20) -> tuple[torch.Tensor, float]:
+    "AWQ: the per-input-channel scale s = mean|x|^alpha (alpha on a grid over [0, 1]) minimising the error of int4(W s) (x / s); (s (in,), alpha)."
+    from course_lib.quant import dequantize_groupwise, quantize_groupwise
+    w, x = weight.detach().float(), x.detach().reshape(-1, x.shape[-1]).float()   # (out, in), (n, in)
+    if x.shape[-1] != w.shape[1]: raise ValueError(f"activations have {x.shape[-1]} features, the weight expects {w.shape[1]}")
+    magnitude = x.abs().mean(0).clamp(min=1e-8)                         # (in,): how large each input channel runs
+    want = x @ w.T                                                      # (n, out): the full-precision output
+    best = (math.inf, torch.ones_like(magnitude), 0.0)                  # alpha = 0 is plain int4, so AWQ is never worse here
+    for alpha in (i / grid for i in range(grid + 1)):
+        s = magnitude ** alpha
+        s = s / (s.max() * s.min()).sqrt()                             # centred around 1, as AWQ does
+        w_q = dequantize_groupwise(quantize_groupwise(w * s, 4, group_size, symmetric))   # (out, in)
+        err = ((x / s) @ w_q.T - want).pow(2).mean().item()
+        if err < best[0]: best = (err, s, alpha)
+    return best[1], best[2]
+
 class Int4Linear(torch.nn.Module):
-    "A bias-free linear layer with group-wise 4-bit weights (course_lib.quant.GroupQuant); forward through kernels.int4_matmul."
-    def __init__(self, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False):
+    "A bias-free linear layer with group-wise 4-bit weights (course_lib.quant.GroupQuant), optionally AWQ-scaled; forward through kernels.int4_matmul."
+    def __init__(self, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False, act_scale: torch.Tensor | None = None):
         super().__init__()
         from course_lib.quant import quantize_groupwise
         if linear.bias is not None: raise ValueError("Int4Linear supports bias-free layers (the course's model has none)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.q = quantize_groupwise(linear.weight.detach(), bits=4, group_size=min(group_size, linear.in_features), symmetric=symmetric)
+        w = linear.weight.detach()                                      # (out, in)
+        self.act_scale = None if act_scale is None else act_scale.detach().float().to(w.device)   # (in,): W s stored, x / s at run time
+        self.q = quantize_groupwise(w if act_scale is None else w * self.act_scale, bits=4,
+                                    group_size=min(group_size, linear.in_features), symmetric=symmetric)
+
+    def nbytes(self) -> int:
+        "Codes, scales and zero points, plus the AWQ scale vector (float32) if any."
+        return self.q.nbytes() + (0 if self.act_scale is None else self.act_scale.numel() * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None: x = x / self.act_scale.to(x.dtype)   # (..., in)
         return int4_matmul(x, self.q)                                   # (..., out)
 
-def quantize_weights(model: Decoder, group_size: int = 128, symmetric: bool = False) -> dict:
-    "Replace every attention and MLP linear layer of `model` by an Int4Linear in place; returns bytes before and after."
+def _linear_inputs(model: Decoder, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    "The input of every attention and MLP linear layer (n, in), keyed by module name, on calibration tokens (b, t)."
+    seen, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        with torch.no_grad(): model.eval()(calibration)
+    finally:
+        for h in hooks: h.remove()
+    return {name: torch.cat(xs) for name, xs in seen.items()}
+
+def quantize_weights(model: Decoder, group_size: int = 128, symmetric: bool = False,
+                     calibration: torch.Tensor | None = None) -> dict:
+    "Replace every attention and MLP linear layer by an Int4Linear in place (AWQ-scaled given calibration tokens (b, t)); bytes before and after."
+    inputs = _linear_inputs(model, calibration) if calibration is not None else {}
     before = after = 0
-    for block in model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    quantized = Int4Linear(child, group_size, symmetric)
-                    before += child.weight.numel() * 2                  # counted as fp16, the usual baseline
-                    after += quantized.q.nbytes()
-                    setattr(parent, name, quantized)
-    return {"fp16_bytes": before, "int4_bytes": after}
+    alphas = {}
+    for name, parent in model.named_modules():
+        if not (name.endswith(".self_attn") or name.endswith(".mlp")): continue
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                scale = None
+                if inputs:
+                    scale, alphas[f"{name}.{child_name}"] = awq_scale(child.weight, inputs[f"{name}.{child_name}"],
+                                                                      min(group_size, child.in_features), symmetric)
+                quantized = Int4Linear(child, group_size, symmetric, scale)
+                before += child.weight.numel() * 2                      # counted as fp16, the usual baseline
+                after += quantized.nbytes()
+                setattr(parent, child_name, quantized)
+    return {"fp16_bytes": before, "int4_bytes": after} | ({"awq_alpha": alphas} if alphas else {})
 
 # %% ../nbs/06_inference.ipynb #e7d50f5d
 @torch.no_grad()
