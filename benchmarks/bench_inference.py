@@ -10,7 +10,7 @@ cached under --work), then measures, in one process:
   3. per KV scheme (fp, int8, int4, kivi4, kivi2): bytes/token (vs a 16-bit cache), validation perplexity
      through the cache (teacher-forced in chunks, which is exactly what decoding sees) and its delta, greedy
      agreement with fp over 256 tokens; a trade-off plot;
-  4. int4 group-wise weights: bytes and perplexity delta;
+  4. int4 group-wise weights, plain and AWQ-scaled: bytes and perplexity delta;
   5. speculative decoding with the draft: acceptance rate, tokens per target pass, wall-clock speed-up.
 The machine is shared, so timings are noisy: rounds are interleaved and the median is reported.
 
@@ -108,7 +108,9 @@ def main():
     torch.manual_seed(0)
     if parts & {"kv", "weights", "spec"}:
         target, draft = trained("cpu-1m", work, args.steps), trained("cpu-draft", work, args.steps)
-        val = val_tokens(work, 4096 if args.quick else 16384)
+        n_val = 4096 if args.quick else 16384
+        val = val_tokens(work, n_val + 8 * 128)
+        val, calibration = val[:n_val], val[n_val:].view(8, 128)       # AWQ calibrates on tokens the perplexity does not see
     else: target = Decoder(get_config("cpu-1m")).eval()                   # decode speed does not depend on the weights
 
     # 1. decode speed vs transformers
@@ -123,7 +125,7 @@ def main():
     # 2. cache vs no cache
     if "cache" in parts: cache_speedup(result, lengths, args.rounds)
     if "kv" in parts: kv_schemes(result, target, val, args.steps, work)
-    if "weights" in parts: int4_weights(result, target, val)
+    if "weights" in parts: int4_weights(result, target, val, calibration)
     if "spec" in parts: speculative(result, target, draft, val)
     print(json.dumps(result, default=float))
 
@@ -166,14 +168,19 @@ def kv_schemes(result: dict, target: Decoder, val: torch.Tensor, steps: int, wor
     fig.savefig(work / "kv_tradeoff.png", dpi=120)
 
 
-def int4_weights(result: dict, target: Decoder, val: torch.Tensor):
+def int4_weights(result: dict, target: Decoder, val: torch.Tensor, calibration: torch.Tensor):
+    "Plain and AWQ int4 (group 128 and 32): bytes and perplexity delta; AWQ calibrates on tokens outside `val`."
     base_ppl = cache_perplexity(target, val, None)
-    q = copy.deepcopy(target); sizes = quantize_weights(q, group_size=128)
-    q_ppl = cache_perplexity(q, val, None)
-    result["int4_weights"] = sizes | {"ppl": q_ppl, "ppl_delta_pct": 100 * (q_ppl / base_ppl - 1)}
-    print(f"\nint4 weights (group 128): {sizes['fp16_bytes']:,} -> {sizes['int4_bytes']:,} bytes "
-          f"({sizes['int4_bytes'] / sizes['fp16_bytes']:.2f}x of fp16), perplexity {base_ppl:.3f} -> {q_ppl:.3f} "
-          f"({result['int4_weights']['ppl_delta_pct']:+.2f}%)")
+    print(f"\n{'int4 weights':>16} {'bytes':>10} {'x fp16':>6} {'perplexity':>10} {'delta':>7}")
+    for group in (128, 32):
+        for awq in (False, True):
+            q = copy.deepcopy(target); sizes = quantize_weights(q, group_size=group, calibration=calibration if awq else None)
+            q_ppl = cache_perplexity(q, val, None)
+            name = f"{'awq' if awq else 'plain'} g{group}"
+            result[f"int4_weights_{name.replace(' ', '_')}"] = {k: v for k, v in sizes.items() if k != "awq_alpha"} | {
+                "ppl": q_ppl, "ppl_delta_pct": 100 * (q_ppl / base_ppl - 1)}
+            print(f"{name:>16} {sizes['int4_bytes']:10,} {sizes['int4_bytes'] / sizes['fp16_bytes']:6.2f} {q_ppl:10.3f} "
+                  f"{100 * (q_ppl / base_ppl - 1):+6.2f}%")
 
 
 def speculative(result: dict, target: Decoder, draft: Decoder, val: torch.Tensor):
