@@ -10,13 +10,14 @@ cached under --work), then measures, in one process:
   3. per KV scheme (fp, int8, int4, kivi4, kivi2): bytes/token (vs a 16-bit cache), validation perplexity
      through the cache (teacher-forced in chunks, which is exactly what decoding sees) and its delta, greedy
      agreement with fp over 256 tokens; a trade-off plot;
-  4. int4 group-wise weights: bytes and perplexity delta;
+  4. int4 group-wise weights, plain and AWQ-scaled: bytes and perplexity delta;
   5. speculative decoding with the draft: acceptance rate, tokens per target pass, wall-clock speed-up.
 The machine is shared, so timings are noisy: rounds are interleaved and the median is reported.
 
     .venv/bin/python benchmarks/bench_inference.py                 # everything (~10 min on 2 busy cores)
     .venv/bin/python benchmarks/bench_inference.py --quick         # smaller lengths, fewer rounds
     .venv/bin/python benchmarks/bench_inference.py --threads 2     # a quiet machine
+    .venv/bin/python benchmarks/bench_inference.py --parts decode --rounds 7   # decode speed only (random weights, no training)
 Ends with one JSON line.
 """
 import argparse
@@ -95,19 +96,26 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a shared, busy CPU 1 beats 2 by far)")
+    p.add_argument("--parts", default="decode,cache,kv,weights,spec", help="comma-separated: decode,cache,kv,weights,spec")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
     lengths = (128, 256) if args.quick else (128, 512, 1024)
     result = {}
 
-    target, draft = trained("cpu-1m", work, args.steps), trained("cpu-draft", work, args.steps)
-    val = val_tokens(work, 4096 if args.quick else 16384)
+    parts = set(args.parts.split(","))
+    if unknown := parts - {"decode", "cache", "kv", "weights", "spec"}: p.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    torch.manual_seed(0)
+    if parts & {"kv", "weights", "spec"}:
+        target, draft = trained("cpu-1m", work, args.steps), trained("cpu-draft", work, args.steps)
+        n_val = 4096 if args.quick else 16384
+        val = val_tokens(work, n_val + 8 * 128)
+        val, calibration = val[:n_val], val[n_val:].view(8, 128)       # AWQ calibrates on tokens the perplexity does not see
+    else: target = Decoder(get_config("cpu-1m")).eval()                   # decode speed does not depend on the weights
 
     # 1. decode speed vs transformers
-    print(f"{'model':>8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'same tokens':>11}")
-    torch.manual_seed(0)
-    models = {"cpu-1m": target, "gpu-25m": Decoder(get_config("gpu-25m")).eval()}
+    if "decode" in parts: print(f"{'model':>8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'same tokens':>11}")
+    models = {"cpu-1m": target, "gpu-25m": Decoder(get_config("gpu-25m")).eval()} if "decode" in parts else {}
     for name, m in models.items():
         for batch in (1, 8):
             r = decode_speed(m, batch, args.new if name == "cpu-1m" else args.new // 2, args.rounds, work / f"hf-{name}")
@@ -115,15 +123,24 @@ def main():
             print(f"{name:>8} {batch:>5} {r['ours_tok_s']:11.0f} {r['hf_tok_s']:9.0f} {r['ours_tok_s'] / r['hf_tok_s']:6.2f} {str(r['identical']):>11}")
 
     # 2. cache vs no cache
+    if "cache" in parts: cache_speedup(result, lengths, args.rounds)
+    if "kv" in parts: kv_schemes(result, target, val, args.steps, work)
+    if "weights" in parts: int4_weights(result, target, val, calibration)
+    if "spec" in parts: speculative(result, target, draft, val)
+    print(json.dumps(result, default=float))
+
+
+def cache_speedup(result: dict, lengths, rounds: int):
     long = Decoder(get_config("cpu-1m", max_seq_len=max(lengths) + 8)).eval()
     print(f"\n{'new tokens':>10} {'no cache s':>10} {'cache s':>8} {'speed-up':>8}")
     for n in lengths:
         t_no = median_time(lambda: generate_no_cache(long, torch.tensor([[1]]), n, greedy=True), 1)
-        t_kv = median_time(lambda: generate(long, [1], n, greedy=True), max(1, args.rounds // 2))
+        t_kv = median_time(lambda: generate(long, [1], n, greedy=True), max(1, rounds // 2))
         result[f"cache_speedup_{n}"] = t_no / t_kv
         print(f"{n:>10} {t_no:10.2f} {t_kv:8.2f} {t_no / t_kv:7.1f}x")
 
-    # 3. KV schemes on the trained model
+
+def kv_schemes(result: dict, target: Decoder, val: torch.Tensor, steps: int, work: Path):
     base_ppl = cache_perplexity(target, val, None)
     fp16_bytes = kv_bytes_per_token(target.cfg, "fp", torch.float16)
     prompt = val[:32].tolist()
@@ -147,18 +164,26 @@ def main():
     for scheme, r in rows.items():
         ax.scatter(r["vs_fp16"], r["ppl_delta_pct"]); ax.annotate(scheme, (r["vs_fp16"], r["ppl_delta_pct"]))
     ax.set_xlabel("KV bytes per token (x 16-bit cache)"); ax.set_ylabel("perplexity change (%)")
-    ax.set_title(f"KV-cache schemes, cpu-1m trained {args.steps} steps"); fig.tight_layout()
+    ax.set_title(f"KV-cache schemes, cpu-1m trained {steps} steps"); fig.tight_layout()
     fig.savefig(work / "kv_tradeoff.png", dpi=120)
 
-    # 4. int4 weights
-    q = copy.deepcopy(target); sizes = quantize_weights(q, group_size=128)
-    q_ppl = cache_perplexity(q, val, None)
-    result["int4_weights"] = sizes | {"ppl": q_ppl, "ppl_delta_pct": 100 * (q_ppl / base_ppl - 1)}
-    print(f"\nint4 weights (group 128): {sizes['fp16_bytes']:,} -> {sizes['int4_bytes']:,} bytes "
-          f"({sizes['int4_bytes'] / sizes['fp16_bytes']:.2f}x of fp16), perplexity {base_ppl:.3f} -> {q_ppl:.3f} "
-          f"({result['int4_weights']['ppl_delta_pct']:+.2f}%)")
 
-    # 5. speculative decoding
+def int4_weights(result: dict, target: Decoder, val: torch.Tensor, calibration: torch.Tensor):
+    "Plain and AWQ int4 (group 128 and 32): bytes and perplexity delta; AWQ calibrates on tokens outside `val`."
+    base_ppl = cache_perplexity(target, val, None)
+    print(f"\n{'int4 weights':>16} {'bytes':>10} {'x fp16':>6} {'perplexity':>10} {'delta':>7}")
+    for group in (128, 32):
+        for awq in (False, True):
+            q = copy.deepcopy(target); sizes = quantize_weights(q, group_size=group, calibration=calibration if awq else None)
+            q_ppl = cache_perplexity(q, val, None)
+            name = f"{'awq' if awq else 'plain'} g{group}"
+            result[f"int4_weights_{name.replace(' ', '_')}"] = {k: v for k, v in sizes.items() if k != "awq_alpha"} | {
+                "ppl": q_ppl, "ppl_delta_pct": 100 * (q_ppl / base_ppl - 1)}
+            print(f"{name:>16} {sizes['int4_bytes']:10,} {sizes['int4_bytes'] / sizes['fp16_bytes']:6.2f} {q_ppl:10.3f} "
+                  f"{100 * (q_ppl / base_ppl - 1):+6.2f}%")
+
+
+def speculative(result: dict, target: Decoder, draft: Decoder, val: torch.Tensor):
     prompts = [val[i:i + 32].tolist() for i in range(0, 32 * 4, 32)]
     t_plain = sum(median_time(lambda: generate(target, p_, 150, greedy=True), 1) for p_ in prompts)
     accepted = proposed = 0; t_spec = 0.0
@@ -169,7 +194,6 @@ def main():
     result["speculative"] = {"acceptance_rate": accepted / proposed, "speedup": t_plain / t_spec, "k": 4}
     print(f"\nspeculative (draft cpu-draft, k=4): acceptance {accepted / proposed:.1%}, wall-clock speed-up {t_plain / t_spec:.2f}x, "
           f"output identical to the target's greedy output")
-    print(json.dumps(result, default=float))
 
 
 if __name__ == "__main__":

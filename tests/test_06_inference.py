@@ -138,6 +138,18 @@ def test_quantised_cache_generation_runs_and_int8_agrees(model, scheme):
         assert out == generate(model, [[1, 2, 3], [4, 5]], 20, greedy=True)
 
 
+def test_lean_step_gives_the_tokens_of_decoder_forward(model, monkeypatch):
+    "StepDecoder (taken for a float32 Decoder) vs Decoder.forward: sampled with a penalty, left-padded, fp and int8 caches."
+    from course_lib.inference import StepDecoder
+    assert StepDecoder.supports(model)
+    prompts, kw = [[1, 2, 3, 4], [5, 6]], dict(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.3)
+    lean = {kv: generate(model, prompts, 25, kv=kv, generator=torch.Generator().manual_seed(2), **kw) for kv in ("fp", "int8")}
+    monkeypatch.setattr(StepDecoder, "supports", staticmethod(lambda m: False))      # every step through Decoder.forward
+    for kv, out in lean.items():
+        assert out == generate(model, prompts, 25, kv=kv, generator=torch.Generator().manual_seed(2), **kw)
+    with pytest.raises(ValueError, match="StepDecoder needs a float32 Decoder"):
+        StepDecoder(model)
+
 def test_speculative_equals_target_greedy(model):
     torch.manual_seed(5)
     draft = Decoder(tiny(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)).eval()
@@ -173,6 +185,46 @@ def test_int4_weights_match_dequantised_float64_model(model):
     with torch.no_grad():
         assert torch.allclose(q(idx).double(), ref(idx), atol=1e-4)
 
+
+def test_awq_layer_equals_float64_and_beats_plain_int4_on_planted_outliers():
+    from course_lib.inference import Int4Linear, awq_scale
+    from course_lib.quant import dequantize_groupwise
+    torch.manual_seed(0)
+    x = torch.randn(512, 128)
+    x[:, :4] *= 30                                                      # planted outlier channels
+    layer = torch.nn.Linear(128, 64, bias=False)
+    s, alpha = awq_scale(layer.weight, x[:256], group_size=64)          # calibrate on half, measure on all
+    q = Int4Linear(layer, 64, act_scale=s)
+    w_s = dequantize_groupwise(q.q).double()                            # (64, 128): W diag(s), quantised
+    # the stored weight is W diag(s) within half a quantisation step per group
+    step = q.q.scale.double().repeat_interleave(64, dim=1)              # (64, 128)
+    assert ((w_s - layer.weight.double() * s.double()).abs() <= step / 2 + 1e-6).all()
+    # the layer computes (x / s) (W s)^T, checked in float64
+    torch.testing.assert_close(q(x).double(), (x.double() / s.double()) @ w_s.T, rtol=1e-4, atol=1e-4)
+    exact = x.double() @ layer.weight.double().T
+    err = lambda layer_q: (layer_q(x).double() - exact).pow(2).mean().item()
+    assert alpha > 0 and err(q) < 0.7 * err(Int4Linear(layer, 64))
+    with pytest.raises(ValueError, match="activations have 100 features"):
+        awq_scale(layer.weight, torch.randn(4, 100))
+
+
+def test_awq_model_is_closer_to_fp_than_plain_int4_with_outlier_channels():
+    import copy
+
+    from course_lib.inference import quantize_weights
+    torch.manual_seed(1)
+    m = Decoder(tiny()).eval()
+    with torch.no_grad():
+        for block in m.layers:                                          # outlier channels at every linear's input
+            block.input_layernorm.weight[:3] = 25.0; block.post_attention_layernorm.weight[5:8] = 25.0
+    calibration, held_out = torch.randint(0, 97, (4, 48)), torch.randint(0, 97, (4, 48))
+    plain, awq = copy.deepcopy(m), copy.deepcopy(m)
+    sizes_plain, sizes_awq = quantize_weights(plain, 32), quantize_weights(awq, 32, calibration=calibration)
+    assert "awq_alpha" not in sizes_plain and len(sizes_awq["awq_alpha"]) == 14
+    assert sizes_awq["int4_bytes"] == sizes_plain["int4_bytes"] + 4 * sum(i for i in (64, 64, 64, 64, 64, 64, 96)) * 2   # + fp32 s
+    with torch.no_grad():
+        ref = m(held_out)
+        assert (awq(held_out) - ref).pow(2).mean() < 0.75 * (plain(held_out) - ref).pow(2).mean()
 
 def test_cache_perplexity_through_fp_cache_equals_plain_cross_entropy(model):
     import math
