@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from .agents import (CourseModel, ScriptedModel, Step, Tool, Trace, _toolbox, call_tool, calculator, react)
+from .agents import (CourseModel, ScriptedModel, Step, Tool, Trace, _toolbox, call_tool, calculator, react, rewoo)
 
 # %% ../nbs/09a_agent_systems.ipynb #14820ebf
 MIND_PLANNER = """Split the question into sub-questions a search can answer. One line each:
@@ -157,11 +157,13 @@ def calculator_policy() -> list:
     def answer(messages): return f"The result is {messages[-1]['content']}."
     return [act, answer]
 
-def agent_success(make_model: Callable[[], Any], cases: list[dict], max_steps: int = 3) -> dict:
-    "Run the calculator ReAct agent on each case; success rate, model calls and tokens."
+def agent_success(make_model: Callable[[], Any], cases: list[dict], max_steps: int = 3, loop: str = "react") -> dict:
+    "Run the calculator agent (`loop` 'react' or 'rewoo') on each case; success rate, model calls and tokens."
+    if loop not in ("react", "rewoo"): raise ValueError(f"unknown loop {loop!r}: 'react' or 'rewoo'")
     wins, calls, tokens, stops = 0, 0, 0, Counter()
     for case in cases:
-        t = react(make_model(), [calculator], case["messages"][0]["content"], max_steps=max_steps)
+        q = case["messages"][0]["content"]
+        t = react(make_model(), [calculator], q, max_steps=max_steps) if loop == "react" else rewoo(make_model(), [calculator], q)
         wins += tool_use_success(t, case["expect"]); calls += t.model_calls; tokens += sum(t.tokens); stops[t.stop] += 1
     n = max(1, len(cases))
     return {"n": len(cases), "success": wins / n, "model_calls": calls / n, "tokens": tokens / n, "stops": dict(stops)}

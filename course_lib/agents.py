@@ -6,7 +6,7 @@
 __all__ = ['MALFORMED_HINT', 'REWOO_PLANNER', 'REWOO_SOLVER', 'type_schema', 'function_schema', 'ToolArgumentError',
            'validate_arguments', 'Tool', 'tool', 'calculator', 'PythonInterpreter', 'file_reader', 'BM25',
            'search_tool', 'corpus_index', 'Reply', 'assistant_message', 'ScriptedModel', 'CourseModel', 'OpenAIChat',
-           'Step', 'Trace', 'call_tool', 'react', 'parse_plan', 'rewoo']
+           'text_messages', 'TransformersChat', 'Step', 'Trace', 'call_tool', 'react', 'parse_plan', 'rewoo']
 
 # %% ../nbs/09_agents.ipynb #ce387bc0
 """Agents: tools described from Python functions, chat back ends behind one interface, ReAct and ReWOO loops with traces.
@@ -341,6 +341,58 @@ class OpenAIChat:
             if reply.error: reply.tool_calls = []
         if usage: reply.prompt_tokens, reply.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         return reply
+
+# %% ../nbs/09_agents.ipynb #472ff43a
+def text_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
+    "The conversation for a template that knows no tools: calls folded into the assistant text as <tool_call> blocks, the tools described in the system message."
+    from course_lib.serve import format_tool_call, render_tools
+    out = [{"role": m["role"], "content": (m.get("content") or "") + "".join(
+                format_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls") or [])}
+           for m in messages]
+    if tools:
+        if out and out[0]["role"] == "system": out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + render_tools(tools)}
+        else: out.insert(0, {"role": "system", "content": render_tools(tools)})
+    return out
+
+class TransformersChat:
+    "Any causal LM on disk through transformers: its tokenizer's chat template, greedy `generate`, the <tool_call> text protocol."
+    def __init__(self, folder: str | Path, max_new_tokens: int = 64,
+                 tools_in_prompt: bool = True,  # describe the tools in a system message (a model fine-tuned without them: False)
+                 native_template: bool = False, # pass `tools` and `tool_calls` to a template that renders them (Qwen2.5, Llama 3.1, InternLM2.5)
+                 stop: tuple[str, ...] = ("<|im_end|>",)):   # end-of-turn tokens besides the tokenizer's eos
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder = Path(folder)
+        if not (folder / "config.json").is_file(): raise FileNotFoundError(f"no transformers model at {folder} (config.json missing)")
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        if not self.tok.chat_template: raise ValueError(f"{folder}: the tokenizer has no chat template")
+        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        self.max_new_tokens, self.tools_in_prompt, self.native_template = max_new_tokens, tools_in_prompt, native_template
+        ends = [self.tok.convert_tokens_to_ids(s) for s in stop if s in self.tok.get_vocab()]
+        self.eos = ends + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
+        self._ids = _ids()
+
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        "The prompt text the model is given (the chat template's rendering, open assistant turn)."
+        tools = tools if self.tools_in_prompt else None
+        if self.native_template:
+            msgs = [m | ({"tool_calls": [{"type": "function", "function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                                         for c in m["tool_calls"]]} if m.get("tool_calls") else {}) for m in messages]
+            return self.tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False)
+        return self.tok.apply_chat_template(text_messages(messages, tools), add_generation_prompt=True, tokenize=False)
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> Reply:
+        "Render with the chat template, generate greedily until an end-of-turn token, parse the calls."
+        import torch
+        ids = self.tok(self.prompt(messages, tools), add_special_tokens=False, return_tensors="pt").input_ids   # (1, t)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit: ids = ids[:, -(limit - self.max_new_tokens):]
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      eos_token_id=self.eos or None, pad_token_id=(self.eos or [0])[0])[0, ids.shape[1]:]   # (new,)
+        new = [t for t in out.tolist() if t not in self.eos]
+        r = _text_reply(self.tok.decode(new, skip_special_tokens=False), self._ids)
+        r.prompt_tokens, r.completion_tokens = ids.shape[1], len(out)
+        return r
 
 # %% ../nbs/09_agents.ipynb #9e9e74c9
 @dataclass
