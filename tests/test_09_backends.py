@@ -61,3 +61,34 @@ def test_transformers_back_end_in_a_loop_and_bad_folders(exported, tmp_path):
     t = react(TransformersChat(folder, max_new_tokens=8), [calculator], "2 + 2?", max_steps=2)
     assert t.stop in ("answer", "step_limit", "malformed") and 1 <= t.model_calls <= 2
     with pytest.raises(FileNotFoundError, match="config.json"): TransformersChat(tmp_path)
+
+
+# -- MCP over stdio, the server in a real subprocess
+def test_mcp_over_stdio_by_hand_and_through_a_held_session():
+    import subprocess
+    from course_lib.agent_systems import MCPConnection, mcp_stdio_command
+    params = mcp_stdio_command(("calculator",))
+    child = subprocess.Popen([params.command, *params.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=params.env)
+    def rpc(msg):   # the transport by hand: one JSON-RPC message a line, as the MCP specification's stdio section says
+        child.stdin.write(json.dumps(msg) + "\n"); child.stdin.flush()
+        return json.loads(child.stdout.readline()) if "id" in msg else None
+    try:
+        hello = rpc({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}})
+        rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        listed = rpc({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})["result"]["tools"]
+        ok = rpc({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "calculator", "arguments": {"expression": "19 * 3"}}})
+        bad = rpc({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "calculator", "arguments": {"expression": 5}}})
+    finally:
+        child.stdin.close(); rc = child.wait(timeout=60)
+    assert rc == 0 and hello["id"] == 1 and hello["result"]["serverInfo"]["name"] == "llm-camp"
+    assert listed == [{"name": "calculator", "description": calculator.description, "inputSchema": calculator.parameters}]
+    assert ok["result"] == {"content": [{"type": "text", "text": "57"}], "isError": False}
+    assert bad["result"]["isError"] and "must be a string" in bad["result"]["content"][0]["text"]
+
+    with MCPConnection(mcp_stdio_command(("calculator", "python"))) as conn:   # one server process for every call
+        calc, py = conn.tools()
+        assert (calc.name, py.name) == ("calculator", "python") and calc.schema() == calculator.schema()
+        assert py.run({"code": "x = 20"}) == "(no output)" and py.run({"code": "print(x + 22)"}) == "42"   # state kept across calls
+        assert calc.run({"expression": 3}).startswith("error: calculator: argument 'expression' must be a string")   # checked here first
+        assert calc.run({"expression": "1 / 0"}).startswith("error: calculator raised ValueError: division by zero")
