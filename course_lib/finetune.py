@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'STAGE_SCALE', 'load_tokenizer_for', 'generate_replies', 'score_reply', 'evaluate_tasks', 'prepare_model',
-           'packed_batches', 'sft_train', 'dpo_loss', 'sequence_logprobs', 'preference_pairs', 'dpo_train',
-           'export_finetuned', 'FinetuneConfig', 'load_finetune_config', 'run_finetune', 'main', 'finetune_stage',
-           'chat_turns', 'chat_demo']
+           'sft_train', 'dpo_loss', 'sequence_logprobs', 'preference_pairs', 'dpo_train', 'export_finetuned',
+           'FinetuneConfig', 'load_finetune_config', 'run_finetune', 'main', 'finetune_stage', 'chat_turns',
+           'chat_demo']
 
 # %% ../nbs/05_finetune.ipynb #a3bc768e
 import dataclasses
@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import RunContext, demo, newest_artifact, set_seed, stage
+from .core import RunContext, demo, newest_artifact, stage
 from .lora import (ALL_PROJECTIONS, adapters_disabled, dequantize_base, inject_lora, lora_layers, merge_lora,
                              quantize_base, save_adapter, trainable_parameters)
 from .model import Decoder, export_hf, from_hf
-from .pretrain import AdamW, CosineSchedule, clip_grad_norm, param_groups, plot_log
-from .sft import (IGNORE, TASKS, SFTExample, ToolCallError, calculate, encode_all, make_sft_sets, pack,
-                            parse_tool_calls, read_conversations, segment_attention)
+from .pretrain import AdamW, TrainConfig, plot_log, read_log, train
+from .sft import (IGNORE, TASKS, SFTBatches, ToolCallError, calculate, encode_all, make_sft_sets, model_inputs,
+                            pack, parse_tool_calls, read_conversations)
 from .tokenizer import CHAT_SPECIALS, Tokenizer, from_hf_json, render_chat
 
 # %% ../nbs/05_finetune.ipynb #cb32774b
@@ -45,6 +45,7 @@ def generate_replies(model: nn.Module, tok: Tokenizer, conversations: list[list[
                      batch_size: int = 16) -> list[str]:
     "Greedy assistant replies to each conversation (ChatML with a generation prompt), stopping at <|im_end|>."
     model.eval()
+    device = next(model.parameters()).device
     end = tok.special_tokens["<|im_end|>"]
     max_len = model.cfg.max_seq_len
     replies = []
@@ -52,20 +53,20 @@ def generate_replies(model: nn.Module, tok: Tokenizer, conversations: list[list[
         prompts = [tok.encode(render_chat(c, add_generation_prompt=True))[-(max_len - max_new_tokens):]
                    for c in conversations[first:first + batch_size]]
         b, longest = len(prompts), max(map(len, prompts))
-        x = torch.zeros(b, longest, dtype=torch.long)
-        seg = torch.full((b, longest), -1)
+        x = torch.zeros(b, longest, dtype=torch.long, device=device)
+        seg = torch.full((b, longest), -1, device=device)
         for i, p in enumerate(prompts): x[i, longest - len(p):] = torch.tensor(p); seg[i, longest - len(p):] = 0
         out = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         for _ in range(max_new_tokens):
             pos = (torch.cumsum(seg >= 0, dim=1) - 1).clamp(min=0)              # (b, t) count from the first real token
-            with segment_attention(seg): nxt = model(x, positions=pos)[:, -1].argmax(-1)   # (b,)
+            nxt = model(x, positions=pos, segment_ids=seg)[:, -1].argmax(-1)   # (b,): the padding is a segment of its own
             for i in range(b):
                 if not done[i]:
                     if nxt[i].item() == end: done[i] = True
                     else: out[i].append(nxt[i].item())
             if done.all(): break
-            x = torch.cat([x, nxt[:, None]], 1); seg = torch.cat([seg, torch.zeros(b, 1, dtype=seg.dtype)], 1)
+            x = torch.cat([x, nxt[:, None]], 1); seg = torch.cat([seg, torch.zeros(b, 1, dtype=seg.dtype, device=device)], 1)
         replies += [tok.decode(o) for o in out]
     return replies
 
@@ -106,46 +107,30 @@ def prepare_model(model: Decoder, method: str = "lora", r: int = 8, alpha: float
     inject_lora(model, targets, r, alpha, dropout)
     return model
 
-def packed_batches(examples: list[SFTExample], batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0,
-                   packed: bool = True):
-    "Endless packed batches: each epoch shuffles, packs into windows of seq_len, yields batch_size windows at a time."
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(examples))
-        rows = pack([examples[i] for i in order], seq_len, pad_id, packed)
-        for first in range(0, rows["x"].shape[0] - batch_size + 1, batch_size):
-            yield {k: v[first:first + batch_size] for k, v in rows.items()}
-        if rows["x"].shape[0] < batch_size: yield rows
-
-def sft_train(model: Decoder, examples: list[SFTExample], steps: int, batch_size: int = 8, seq_len: int = 256,
-              lr: float = 2e-3, warmup_steps: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
-              log_path: str | Path | None = None, packed: bool = True) -> list[float]:
-    "Train the model's trainable parameters on packed SFT examples for `steps` steps; returns the losses."
-    if not examples: raise ValueError("no SFT examples to train on")
-    set_seed(seed)
-    groups = param_groups(model, weight_decay)
-    if not any(g["params"] for g in groups): raise ValueError("the model has no trainable parameters: call prepare_model first")
-    optimizer = AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    schedule = CosineSchedule(lr, min(warmup_steps, steps), steps, 0.1)
-    params = [p for g in groups for p in g["params"]]
-    batches = packed_batches(examples, batch_size, seq_len, seed, packed=packed)
-    log = open(log_path, "w") if log_path else None
-    losses = []
-    model.train()
-    for step in range(steps):
-        t0 = time.perf_counter()
-        for g in optimizer.param_groups: g["lr"] = schedule(step)
-        batch = next(batches)
-        with segment_attention(batch["segments"]):
-            loss = model(batch["x"], positions=batch["positions"], targets=batch["y"])   # fused loss over trained tokens
-        loss.backward()
-        norm = float(clip_grad_norm(params, grad_clip)) if grad_clip > 0 else float("nan")
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if log: log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": schedule(step), "grad_norm": norm,
-                                      "seconds": time.perf_counter() - t0}) + "\n")
-    if log: log.close()
-    return losses
+def sft_train(model: Decoder,
+              source: SFTBatches,            # packed conversations (chapter 5c)
+              out_dir: str | Path,           # gets log.jsonl, loss.png and the final checkpoint (chapter 4's layout)
+              steps: int,
+              batch_size: int = 8,           # packed windows per step
+              lr: float = 2e-3,
+              warmup_steps: int = 10,
+              weight_decay: float = 0.0,
+              grad_clip: float = 1.0,
+              seed: int = 0,
+              device: str = "cpu",           # where to train; the model comes back on the CPU
+              title: str = "fine-tuning",    # of the loss plot
+              ) -> dict:
+    "Train `model`'s trainable parameters on `source` with chapter 4's `train`; its summary plus the per-step 'losses'."
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters: call prepare_model first")
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=source.seq_len, lr=lr, warmup_steps=min(warmup_steps, steps),
+                      weight_decay=weight_decay, grad_clip=grad_clip, eval_every=0, ckpt_every=0, sample_tokens=0,
+                      dtype="float32", device=device, seed=seed)
+    out_dir = Path(out_dir)
+    summary = train(cfg, source, out_dir, resume=False, model=model, export=lambda m, path: None)   # the caller exports
+    model.cpu()
+    plot_log(out_dir / "log.jsonl", out_dir / "loss.png", title=title)
+    return summary | {"losses": [v for _, v in read_log(out_dir / "log.jsonl")["loss"]]}
 
 # %% ../nbs/05_finetune.ipynb #a0e6599e
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -156,8 +141,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     "Sum of log p(target) over each row's trained positions of an unpacked batch: (b,)."
-    with segment_attention(batch["segments"]):
-        logits = model(batch["x"], positions=batch["positions"]).float()           # (b, t, V)
+    logits = model(batch["x"], **model_inputs(batch)).float()                  # (b, t, V)
     keep = batch["y"] != IGNORE
     picked = logits.log_softmax(-1).gather(-1, batch["y"].clamp(min=0)[..., None])[..., 0]   # (b, t)
     return (picked * keep).sum(-1)
@@ -235,6 +219,7 @@ class FinetuneConfig:
     n_test: int = 50                      # held-out conversations per task (evaluated before and after)
     evaluate: bool = True
     seed: int = 1337
+    device: str = "auto"                  # where to train (auto: a GPU when there is one); evaluation runs on the CPU
     output: str = "runs/finetune"
 
     def __post_init__(self):
@@ -279,7 +264,7 @@ def _base_folder(cfg: FinetuneConfig) -> Path:
     return folder
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    "Fine-tune as `cfg` says; writes output/{adapter,merged,log.jsonl,loss.png,eval.json,summary.json}; returns the summary."
+    "Fine-tune as `cfg` says with chapter 4's `train`; writes output/{adapter,merged,log.jsonl,loss.png,eval.json,summary.json}; returns the summary."
     tasks = [d for d in cfg.data if d in TASKS]
     files = [d for d in cfg.data if d not in TASKS]
     for f in files:
@@ -289,25 +274,29 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.output); out.mkdir(parents=True, exist_ok=True)
     sets = {t: s for t, s in make_sft_sets(cfg.n_train, cfg.n_test, cfg.seed).items() if t in tasks} if tasks else {}
     conversations = [c["messages"] for s in sets.values() for c in s["train"]] + [c for f in files for c in read_conversations(f)]
+    held_out = [c["messages"] for s in sets.values() for c in s["test"]]
+    if not held_out:                                                    # files only: every 20th conversation is held out
+        held_out, conversations = conversations[::20], [c for i, c in enumerate(conversations) if i % 20]
     examples, dropped = encode_all(tok, conversations, cfg.max_length)
+    val_examples, _ = encode_all(tok, held_out, cfg.max_length)
     test = {t: s["test"] for t, s in sets.items()}
     model = from_hf(folder)
     if model.cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"{folder}: the model knows {model.cfg.vocab_size} tokens but its tokenizer has {tok.vocab_size}")
+    eos = tok.special_tokens["<|im_end|>"]
+    source = SFTBatches(examples, cfg.max_length, val_examples, model.cfg.vocab_size, eos, packed=cfg.pack)
     before = evaluate_tasks(model, tok, test) if cfg.evaluate and test else {}
     prepare_model(model, cfg.method, cfg.r, cfg.alpha, cfg.dropout, cfg.targets)
     trainable, total = trainable_parameters(model)
     t0 = time.perf_counter()
-    losses = sft_train(model, examples, cfg.steps, cfg.batch_size, cfg.max_length, cfg.lr, cfg.warmup_steps, cfg.weight_decay,
-                       cfg.grad_clip, cfg.seed, out / "log.jsonl", cfg.pack)
-    seconds = time.perf_counter() - t0
+    result = sft_train(model, source, out, cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip,
+                       cfg.seed, cfg.device, title=f"{cfg.method} fine-tuning")
+    seconds, losses = time.perf_counter() - t0, result["losses"]
     after = evaluate_tasks(model, tok, test) if cfg.evaluate and test else {}
-    plot_log(out / "log.jsonl", out / "loss.png", title=f"{cfg.method} fine-tuning")
-    eos = tok.special_tokens.get("<|im_end|>")
     paths = export_finetuned(model, out, folder, eos_id=eos, base_name=str(folder))
     summary = {"base": str(folder), "method": cfg.method, "trainable": trainable, "total": total, "examples": len(examples),
                "dropped": dropped, "steps": cfg.steps, "seconds": round(seconds, 1), "first_loss": losses[0],
-               "final_loss": float(np.mean(losses[-10:])), "before": before, "after": after,
+               "final_loss": float(np.mean(losses[-10:])), "val_loss": result["val_loss"], "before": before, "after": after,
                "paths": {k: str(v) for k, v in paths.items()}, "config": dataclasses.asdict(cfg)}
     (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
