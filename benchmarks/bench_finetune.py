@@ -2,7 +2,7 @@
 parameter, and held-out accuracy of the three synthetic tasks before/after fine-tuning (or accuracy vs steps).
 
     python benchmarks/bench_finetune.py                       # step time, memory, bits/param (minutes)
-    python benchmarks/bench_finetune.py --accuracy [--base runs/X/pretrain/model] [--steps 100,300]
+    python benchmarks/bench_finetune.py --accuracy [--base runs/X/pretrain/model] [--acc-steps 100,300] [--methods lora,qlora]
 
 Ours and the peer run in the same process on the same weights and batch. Peak memory is measured, not estimated:
 each variant runs in a fresh subprocess and reports its peak resident set (ru_maxrss) above the RSS it had after
@@ -101,18 +101,76 @@ def nf4_bits(preset: str) -> dict:
     return {"preset": preset, "params": n, "bits_per_param": 8 * nbytes / n}
 
 
-def accuracy(base: str | None, steps_list: list[int], method: str, n_train: int, n_test: int) -> list[dict]:
-    "Held-out accuracy per task after each number of steps (one run per point; before = step 0)."
+def peft_peer(base: str, cfg, out: Path) -> dict:
+    """The peer: peft LoRA on the transformers export of the same base, trained on the very same packed batches
+    (transformers keeps packed rows apart when position ids restart and no cache is used), torch's AdamW, transformers'
+    cosine-with-floor schedule and torch's clipping; merged by peft, then scored by the same rules."""
+    import numpy as np
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+    from course_lib.finetune import evaluate_tasks, load_tokenizer_for
+    from course_lib.model import from_hf
+    from course_lib.sft import SFTBatches, encode_all, make_sft_sets
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer_for(base)
+    sets = make_sft_sets(cfg.n_train, cfg.n_test, cfg.seed)
+    examples, _ = encode_all(tok, [c["messages"] for s in sets.values() for c in s["train"]], cfg.max_length)
+    held, _ = encode_all(tok, [c["messages"] for s in sets.values() for c in s["test"]], cfg.max_length)
+    source = SFTBatches(examples, cfg.max_length, held, 0, tok.special_tokens["<|im_end|>"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.targets)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps, min_lr_rate=0.1)
+    rng, losses, t0 = np.random.default_rng(cfg.seed), [], time.perf_counter()
+    model.train()
+    for _ in range(cfg.steps):
+        x, y, extra = source.train_batch(cfg.batch_size, rng, "cpu")
+        logits = model(input_ids=x, position_ids=extra["positions"], use_cache=False).logits     # (b, t, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward(); torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip); opt.step(); sched.step(); opt.zero_grad()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - t0
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out / "peft-merged")
+    (out / "peft-merged" / "tokenizer.json").write_bytes((Path(base) / "tokenizer.json").read_bytes())
+    after = evaluate_tasks(from_hf(out / "peft-merged"), tok, {t: s["test"] for t, s in sets.items()})
+    return {"seconds": seconds, "first_loss": losses[0], "final_loss": statistics.mean(losses[-10:]), "after": after}
+
+
+def accuracy(base: str | None, steps_list: list[int], methods: list[str], n_train: int, n_test: int, peer: bool,
+             batch_size: int, lr: float) -> list[dict]:
+    "Held-out accuracy per task after each number of steps, ours (run_finetune, chapter 4's loop) and peft's LoRA beside it."
     from course_lib.finetune import FinetuneConfig, run_finetune
     rows = []
-    for steps in steps_list:
-        t0 = time.perf_counter()
-        r = run_finetune(FinetuneConfig(model=base or "", method=method, steps=steps, n_train=n_train, n_test=n_test,
-                                        output=f"runs/bench-finetune/{method}-{steps}"))
-        rows.append({"method": method, "steps": steps, "seconds": time.perf_counter() - t0, "before": r["before"],
-                     "after": r["after"], "final_loss": r["final_loss"]})
-        print(json.dumps(rows[-1]), flush=True)
+    for method in methods:
+        for steps in steps_list:
+            out = Path(f"runs/bench-finetune/{method}-{steps}")
+            cfg = FinetuneConfig(model=base or "", method=method, steps=steps, n_train=n_train, n_test=n_test,
+                                 batch_size=batch_size, lr=lr, output=str(out), device="cpu")
+            t0 = time.perf_counter()
+            r = run_finetune(cfg)
+            row = {"method": method, "steps": steps, "seconds": time.perf_counter() - t0, "train_seconds": r["seconds"],
+                   "before": r["before"], "after": r["after"], "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
+            if peer and method == "lora": row["peft"] = peft_peer(r["base"], cfg, out)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def _accuracy_table(rows: list[dict]) -> str:
+    "A Markdown table: one line per method and steps, each task's accuracy after (peft's beside ours)."
+    head = "| method | steps | train s | loss | self-cognition | tool call well-formed | right expression | reading EM |\n|---|---|---|---|---|---|---|---|\n"
+    def cells(acc): return (f"{acc['self_cognition']['correct']:.0%} | {acc['tool_use']['well_formed']:.0%} | "
+                            f"{acc['tool_use']['correct']:.0%} | {acc['reading']['correct']:.0%}")
+    lines = [f"| before | 0 | | | {cells(rows[0]['before'])} |"] if rows else []
+    for r in rows:
+        lines.append(f"| {r['method']} (ours) | {r['steps']} | {r['train_seconds']:.0f} | {r['final_loss']:.2f} | {cells(r['after'])} |")
+        if "peft" in r:
+            p = r["peft"]
+            lines.append(f"| lora (peft) | {r['steps']} | {p['seconds']:.0f} | {p['final_loss']:.2f} | {cells(p['after'])} |")
+    return head + "\n".join(lines)
 
 
 def main():
@@ -124,8 +182,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps (step time)")
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--base")
-    ap.add_argument("--acc-steps", default="0,100,300")
-    ap.add_argument("--method", default="lora")
+    ap.add_argument("--acc-steps", default="100,300")
+    ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--no-peer", action="store_true", help="skip peft's LoRA run beside ours")
+    ap.add_argument("--ft-batch", type=int, default=8, help="packed windows per fine-tuning step")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-train", type=int, default=600)
     ap.add_argument("--n-test", type=int, default=50)
     ap.add_argument("--child"); ap.add_argument("--child-steps", type=int, default=4)
@@ -134,8 +195,10 @@ def main():
     if a.child: _variant_child(a.child, a.mem_preset if a.preset == "cpu-1m" else a.preset, a.batch, a.seq, a.child_steps); return
     result = {"threads": torch.get_num_threads()}
     if a.accuracy:
-        result["accuracy"] = accuracy(a.base, [int(s) for s in a.acc_steps.split(",")], a.method, a.n_train, a.n_test)
-        print(json.dumps(result)); return
+        rows = accuracy(a.base, [int(s) for s in a.acc_steps.split(",")], a.methods.split(","), a.n_train, a.n_test,
+                        not a.no_peer, a.ft_batch, a.lr)
+        print(_accuracy_table(rows))
+        print(json.dumps(result | {"accuracy": rows})); return
     step = lora_step_time(a.preset, a.batch, a.seq, 8, a.steps)
     print(f"LoRA r=8 step ({a.preset}, batch {a.batch}x{a.seq}): ours {step['ours_s'] * 1e3:.1f} ms, peft {step['peft_s'] * 1e3:.1f} ms "
           f"-> {step['speedup']:.2f}x")

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from course_lib.core import RunContext, load_settings
 from course_lib.finetune import (FinetuneConfig, dpo_loss, finetune_stage, generate_replies, load_finetune_config,
                                  prepare_model, preference_pairs, run_finetune, score_reply, sequence_logprobs, sft_train)
 from course_lib.model import Decoder, ModelConfig, export_hf, from_hf
-from course_lib.sft import IGNORE, encode_all, make_sft_sets, pack
+from course_lib.pretrain import read_log
+from course_lib.sft import IGNORE, SFTBatches, encode_all, make_sft_sets, pack
 from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat, save_hf
 
 import transformers  # required: the [hf] extra
@@ -77,16 +79,33 @@ def test_score_rules():
     assert score_reply({"task": "reading", "expect": {"answer": "the cat"}}, " the cat ")["correct"]
 
 
-def test_sft_memorises_and_trains_only_adapters(base, tmp_path):
+def test_sft_runs_through_chapter4_train(base, tmp_path):
+    "sft_train is chapter 4's train on packed batches: its first logged loss is the unpacked loss of the drawn conversations."
     tok = byte_tok()
     model = prepare_model(from_hf(base), "lora", r=4, alpha=8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     convs = [c["messages"] for c in make_sft_sets(8, 1)["self_cognition"]["train"]]
     examples, _ = encode_all(tok, convs, 200)
-    losses = sft_train(model, examples, steps=25, batch_size=2, seq_len=200, lr=3e-2, warmup_steps=2, log_path=tmp_path / "log.jsonl")
+    source = SFTBatches(examples, 200, examples[:2], model.cfg.vocab_size, tok.special_tokens["<|im_end|>"])
+    x, y, extra = source.train_batch(2, np.random.default_rng(7), "cpu")          # the draw train() makes at step 1 (seed 7)
+    with torch.no_grad():                                                      # reference: each drawn conversation alone
+        total, count = 0.0, 0
+        for row_x, row_y, row_seg in zip(x, y, extra["segment_ids"]):
+            for j in row_seg.unique():
+                if j < 0: continue
+                keep = row_seg == j
+                logits = model(row_x[keep][None])[0]                           # (n, V), positions from 0, no mask
+                total += F.cross_entropy(logits, row_y[keep], ignore_index=IGNORE, reduction="sum").item()
+                count += int((row_y[keep] != IGNORE).sum())
+    result = sft_train(model, source, tmp_path / "sft", steps=25, batch_size=2, lr=3e-2, warmup_steps=2, seed=7)
+    losses = result["losses"]
+    assert losses[0] == pytest.approx(total / count, rel=1e-5)
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
-    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 25
+    log = read_log(tmp_path / "sft" / "log.jsonl")
+    assert len(log["loss"]) == 25 and len(log["val_loss"]) == 1 and result["val_loss"] == log["val_loss"][0][1]
+    assert (tmp_path / "sft" / "loss.png").is_file() and (tmp_path / "sft" / "checkpoints").is_dir()
+    with pytest.raises(ValueError, match="prepare_model"): sft_train(from_hf(base).requires_grad_(False), source, tmp_path / "x", 1)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])

@@ -1,14 +1,16 @@
 """Chapter 5: SFT data — loss masks by hand, packing against one-conversation-at-a-time forwards, tool calls."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.model import Decoder, ModelConfig
-from course_lib.sft import (IGNORE, TASKS, ToolCallError, calculate, check_conversation, encode_all, encode_conversation,
-                            format_tool_call, make_sft_sets, pack, parse_tool_calls, read_conversations, sft_loss,
-                            write_sft_sets)
+from course_lib.model import Decoder, ModelConfig, export_hf
+from course_lib.pretrain import BatchSource
+from course_lib.sft import (IGNORE, TASKS, SFTBatches, ToolCallError, calculate, check_conversation, encode_all,
+                            encode_conversation, format_tool_call, make_sft_sets, model_inputs, pack, parse_tool_calls,
+                            read_conversations, sft_loss, write_sft_sets)
 from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat
 
 
@@ -67,6 +69,67 @@ def test_packing_equals_one_at_a_time(tok):
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def packed(tok):
+    "A random GQA model (init_std 0.2: attention far from uniform, so a leak would show) and two rows of packed conversations."
+    torch.manual_seed(1)
+    model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                max_seq_len=300, init_std=0.2)).eval()
+    sets = make_sft_sets(4, 1)
+    convs = [c["messages"] for s in sets.values() for c in s["train"][:3]]
+    examples, _ = encode_all(tok, convs, 250)
+    batch = pack(examples, 300)
+    assert batch["x"].shape[0] < len(examples) and (batch["segment_ids"] == -1).any()   # packed, with padding
+    return model, examples, batch
+
+
+def test_packed_logits_equal_each_example_alone(packed):
+    "Every packed example's logits equal those of the example run alone through the model (no mask, positions from 0)."
+    model, examples, batch = packed
+    with torch.no_grad():
+        logits = model(batch["x"], **model_inputs(batch))                 # (b, t, V)
+        for j, ex in enumerate(examples):
+            alone = model(torch.tensor([ex.ids[:-1]]))[0]                 # (n, V)
+            torch.testing.assert_close(logits[batch["segment_ids"] == j], alone, rtol=0, atol=1e-5)
+        leaky = model(batch["x"], positions=batch["positions"])          # positions reset, but no segment ids
+        later = (batch["positions"] != torch.arange(batch["x"].shape[1])) & (batch["segment_ids"] >= 0)
+        assert (leaky[later] - logits[later]).abs().max() > 1e-2           # the test can fail: without the mask it does
+
+
+def test_packed_logits_equal_transformers(packed, tmp_path):
+    "transformers reads position ids that restart, without a cache, as packed sequences (masking_utils.find_packed_sequence_indices)."
+    transformers = pytest.importorskip("transformers")
+    model, _, batch = packed
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
+    real = batch["segment_ids"] >= 0
+    with torch.no_grad():
+        theirs = hf(batch["x"], position_ids=batch["positions"], use_cache=False).logits   # no cache: a training-style call
+        ours = model(batch["x"], **model_inputs(batch))
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
+
+
+def test_segment_ids_with_padding_mask_and_cache(tok):
+    "Left padding as a segment of its own equals the padding mask; a cached decode step keeps the segment mask."
+    from course_lib.inference import KVCache
+    torch.manual_seed(2)
+    model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                max_seq_len=64, init_std=0.2)).eval()
+    x = torch.randint(0, 256, (2, 10))
+    seg = torch.tensor([[-1, -1, -1] + [0] * 7, [0] * 10])
+    pos = (torch.cumsum(seg >= 0, 1) - 1).clamp(min=0)
+    with torch.no_grad():
+        by_segments = model(x, positions=pos, segment_ids=seg)
+        by_padding = model(x, positions=pos, attention_mask=(seg >= 0).long())
+        torch.testing.assert_close(by_segments[seg >= 0], by_padding[seg >= 0], rtol=0, atol=1e-6)
+        cache = KVCache(model.cfg, 2, 10)                                # prefill 7, then decode 3 one at a time
+        steps = [model(x[:, :7], positions=pos[:, :7], cache=cache, segment_ids=seg[:, :7])[:, -1]]
+        for i in range(7, 10):
+            steps.append(model(x[:, i:i + 1], positions=pos[:, i:i + 1], cache=cache, segment_ids=seg[:, :i + 1])[:, -1])
+    torch.testing.assert_close(torch.stack(steps[1:], 1), by_segments[:, 7:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(steps[0], by_segments[:, 6], rtol=0, atol=1e-5)
+
+
 def test_cut_and_drop(tok):
     long = [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y"}]
     examples, dropped = encode_all(tok, [long, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]], 20)
@@ -114,3 +177,24 @@ def test_sets_held_out_and_well_formed(tmp_path):
     paths = write_sft_sets(sets, tmp_path)
     assert len(read_conversations(paths["tool_use_test"])) == 20
     assert make_sft_sets(80, 20, seed=3)["tool_use"]["train"] == sets["tool_use"]["train"]   # deterministic
+
+
+def test_sft_batches_are_a_batch_source(tok):
+    "SFTBatches: a pure function of the generator, rows are a slice of the same global draw, windows full, no example split."
+    examples, _ = encode_all(tok, [c["messages"] for s in make_sft_sets(12, 1).values() for c in s["train"]], 200)
+    source = SFTBatches(examples, 200, examples[:3], tok.vocab_size, tok.special_tokens["<|im_end|>"])
+    assert isinstance(source, BatchSource)
+    x, y, extra = source.train_batch(4, np.random.default_rng(5), "cpu")
+    x2, y2, extra2 = source.train_batch(4, np.random.default_rng(5), "cpu")
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(extra["segment_ids"], extra2["segment_ids"])
+    part = source.train_batch(4, np.random.default_rng(5), "cpu", rows=slice(2, 4))
+    assert torch.equal(part[0], x[2:]) and torch.equal(part[2]["positions"], extra["positions"][2:])
+    seg = extra["segment_ids"]
+    assert (seg >= 0).float().mean() > 0.8                                # packed tight
+    lengths = {len(ex.ids) - 1 for ex in examples}
+    for row in seg:                                                       # each segment is one whole example, once
+        ids = [int(j) for j in row.unique() if j >= 0]
+        assert all(int((row == j).sum()) in lengths for j in ids)
+    assert len(list(source.val_batches(2, 5, "cpu"))) == 1
+    with pytest.raises(ValueError, match="more than seq_len"): SFTBatches(examples, 20, examples, 300, 0)
+    with pytest.raises(ValueError, match="held-out"): SFTBatches(examples, 200, [], 300, 0)

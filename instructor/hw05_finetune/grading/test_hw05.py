@@ -172,8 +172,8 @@ def test_pack_examples_random(student, rng):
         pad = int(rng.integers(0, 3))
         got = student.pack_examples(examples, seq_len, pad)
         want = pack([SFTExample(*e) for e in examples], seq_len, pad_id=pad)
-        for key in ("x", "y", "positions", "segments"):
-            assert torch.equal(torch.as_tensor(got[key]), want[key]), f"{key} differs from course_lib.sft.pack (seq_len={seq_len})"
+        for key, ours in (("x", "x"), ("y", "y"), ("positions", "positions"), ("segments", "segment_ids")):
+            assert torch.equal(torch.as_tensor(got[key]), want[ours]), f"{key} differs from course_lib.sft.pack (seq_len={seq_len})"
     with pytest.raises(ValueError): student.pack_examples([(list(range(10)), list(range(10)))], 5)
 
 
