@@ -147,3 +147,21 @@ def test_a_failing_lesson_keeps_its_file_and_names_the_error(tmp_path):
     assert (tmp_path / "nbs" / "02_broken.ipynb").read_bytes() == before
     out = _camp("html", "07", cwd=tmp_path)
     assert out.returncode == 2 and "no notebook named '07'" in out.stderr
+
+
+OPENER = {"objectives": r"able to", "目标 (objectives in Chinese)": r"你将能够", "prerequisites": r"Prerequisites|先修",
+          "run time": r"[Rr]un time|运行时间"}
+
+
+@pytest.mark.parametrize("name", [n for n in LESSONS if int(n[:2]) < 90])
+def test_a_lesson_opens_with_its_objectives_in_both_languages(name):
+    "Issues #9 and #12: before its first section a lesson says what the student will be able to do (in English and"
+    " Chinese), what it assumes and how long it runs."
+    nb = nbformat.read(REPO / "nbs" / name, as_version=4)
+    opener = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and re.search(r"^## ", cell.source, re.M): break
+        if cell.cell_type == "markdown": opener.append(cell.source)
+    text = "\n".join(opener)
+    missing = [what for what, pattern in OPENER.items() if not re.search(pattern, text)]
+    assert not missing, f"{name}'s opening cells lack: {', '.join(missing)}"
