@@ -6,7 +6,7 @@ Decisions:
 - Every error is a 4xx in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so official clients raise the right exception.
 - The engine runs on its own thread; handlers hand it requests through a queue and read tokens from an asyncio queue; a client that goes away cancels its request, which frees its blocks.
 - Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally, holding back an incomplete UTF-8 character.
-- Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model over prompt + completion, in `completion_logprobs`; offsets index the returned text.
+- Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model (with the request's adapter) over prompt + completion, in `completion_logprobs`, run on the engine's thread between steps; offsets index the returned text.
 - Chat prompts use chapter 2's ChatML template; generation stops at `<|im_end|>` (and the checkpoint's eos).
 - Tool calls: the tools are described in the system prompt and the model answers `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, parsed into OpenAI's `tool_calls` by `parse_tool_calls` (one function, to follow chapter 5's format); with tools, a streamed answer arrives in one chunk once parsed.
 - `n > 1` choices are one engine request (one prefill, blocks shared by fork); each choice keeps its own detokeniser and stop strings, and streamed chunks carry the choice's `index`, as OpenAI's do.
@@ -23,6 +23,7 @@ __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'p
 
 # %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -73,6 +74,10 @@ class AsyncEngine:
                 _, key, prompt_ids, params, loop, q = cmd
                 try: self._live[key] = [self.engine.add_request(prompt_ids, params), loop, q, params.n]
                 except ValueError as e: loop.call_soon_threadsafe(q.put_nowait, e)
+            elif cmd[0] == "call":                                     # a model call between steps, on this thread
+                _, fn, loop, future = cmd
+                try: result = fn(); loop.call_soon_threadsafe(future.set_result, result)
+                except Exception as e: loop.call_soon_threadsafe(future.set_exception, e)
             elif cmd[1] in self._live:
                 self.engine.abort(self._live.pop(cmd[1])[0])
 
@@ -103,6 +108,12 @@ class AsyncEngine:
                 yield out
         finally:
             if not finished: self._commands.put(("abort", key)); self._wake.set()
+
+    async def call(self, fn):
+        "Run `fn()` on the engine's thread between two steps: the model (and its LoRA rows) is never used by two threads at once."
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, asyncio.get_running_loop(), future)); self._wake.set()
+        return await future
 
     def metrics(self) -> dict:
         "The engine's metrics plus uptime and mean generated tokens/s."
@@ -374,7 +385,10 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
                     reason = out.finish_reason
         except ValueError as e: raise APIError(400, str(e))
         skip = 0 if body.echo else len(prompt_ids)
-        lp = await asyncio.to_thread(completion_logprobs, engine.model, tokenizer, prompt_ids + out_ids, body.logprobs or 0, skip)
+        def score():                                                    # with the adapter the request named
+            with engine.lora.rows([adapter_of(body.model)]) if engine.lora else contextlib.nullcontext():
+                return completion_logprobs(engine.model, tokenizer, prompt_ids + out_ids, body.logprobs or 0, skip)
+        lp = await runner.call(score)
         text, start = "".join(lp["tokens"]), sum(map(len, lp["tokens"][:len(prompt_ids) - skip]))
         if ends := [i for s in stops_of(body) if s and (i := text.find(s, start)) >= 0]:   # stop strings in the completion
             text, reason = text[:min(ends)], "stop"

@@ -312,3 +312,28 @@ def _loaded(model, folder):
     import copy
     from course_lib.lora import load_adapter
     m = copy.deepcopy(model); load_adapter(m, folder); return m
+
+
+def test_prompt_logprobs_of_an_adapter_are_the_merged_models(tmp_path):
+    "echo + logprobs for model='sql' scores with that adapter (on the engine's thread, its rows set), not with the base."
+    import copy
+    import torch.nn.functional as F
+    from course_lib.lora import inject_lora, lora_layers, merge_lora, save_adapter
+    from course_lib.serve import serve_in_thread
+    model, tok = tiny_chat_model()
+    m = copy.deepcopy(model); torch.manual_seed(0)
+    inject_lora(m, ["q_proj", "v_proj", "up_proj"], r=4, alpha=8)
+    for layer in lora_layers(m).values(): torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    folder = save_adapter(m, tmp_path / "sql")
+    merged = merge_lora(_loaded(model, folder))
+    engine = LLMEngine(copy.deepcopy(model), num_blocks=64, block_size=8, adapters={"sql": folder})
+    url, stop = serve_in_thread(create_app(engine, tok, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ids = tok.encode("SELECT name FROM users")
+        for name, reference in (("sql", merged), ("tiny", model)):
+            lp = client.completions.create(model=name, prompt="SELECT name FROM users", max_tokens=0, echo=True, logprobs=0).choices[0].logprobs
+            with torch.no_grad(): ref = F.log_softmax(reference(torch.tensor([ids]))[0].double(), -1)
+            assert max(abs(lp.token_logprobs[i] - ref[i - 1, ids[i]].item()) for i in range(1, len(ids))) < 1e-4, name
+        _assert_no_leak(engine)
+    finally: stop()
