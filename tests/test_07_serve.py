@@ -278,8 +278,8 @@ def test_n_too_large_is_a_clear_4xx(server):
 
 # --- LoRA adapters named through `model` ---
 
-def test_lora_adapter_named_by_model_equals_merged_model(tmp_path):
-    "The openai client asks for model='sql' (an adapter): the answer is the merged-weights model's; the base stays the base."
+def _adapter_server(tmp_path):
+    "A served tiny model with a LoRA adapter 'sql' (B drawn large, so it changes the answers) and its merged-weights twin."
     import copy
     from course_lib.lora import inject_lora, lora_layers, merge_lora, save_adapter
     from course_lib.serve import serve_in_thread
@@ -290,7 +290,12 @@ def test_lora_adapter_named_by_model_equals_merged_model(tmp_path):
     folder = save_adapter(m, tmp_path / "sql")
     merged = merge_lora(_loaded(model, folder))
     engine = LLMEngine(copy.deepcopy(model), num_blocks=64, block_size=8, adapters={"sql": folder})
-    url, stop = serve_in_thread(create_app(engine, tok, "tiny"))
+    return (model, tok, merged, engine, *serve_in_thread(create_app(engine, tok, "tiny")))
+
+
+def test_lora_adapter_named_by_model_equals_merged_model(tmp_path):
+    "The openai client asks for model='sql' (an adapter): the answer is the merged-weights model's; the base stays the base."
+    model, tok, merged, engine, url, stop = _adapter_server(tmp_path)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         listed = {m.id: getattr(m, "parent", None) for m in client.models.list()}
@@ -316,18 +321,8 @@ def _loaded(model, folder):
 
 def test_prompt_logprobs_of_an_adapter_are_the_merged_models(tmp_path):
     "echo + logprobs for model='sql' scores with that adapter (on the engine's thread, its rows set), not with the base."
-    import copy
     import torch.nn.functional as F
-    from course_lib.lora import inject_lora, lora_layers, merge_lora, save_adapter
-    from course_lib.serve import serve_in_thread
-    model, tok = tiny_chat_model()
-    m = copy.deepcopy(model); torch.manual_seed(0)
-    inject_lora(m, ["q_proj", "v_proj", "up_proj"], r=4, alpha=8)
-    for layer in lora_layers(m).values(): torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    folder = save_adapter(m, tmp_path / "sql")
-    merged = merge_lora(_loaded(model, folder))
-    engine = LLMEngine(copy.deepcopy(model), num_blocks=64, block_size=8, adapters={"sql": folder})
-    url, stop = serve_in_thread(create_app(engine, tok, "tiny"))
+    model, tok, merged, engine, url, stop = _adapter_server(tmp_path)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         ids = tok.encode("SELECT name FROM users")
