@@ -10,6 +10,7 @@ Decisions:
 - Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); a Triton kernel does decode attention straight from the block table.
 - The pool stores keys and values in full precision or, as chapter 6's int8/int4 caches do, per token and head as codes with a float16 scale and zero (LMDeploy's layout): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
 - `n > 1` choices share their prompt: the request is prefilled once, then forked into n sequences whose block tables point at the same blocks (reference counts), and the partly filled last block is copied on the first write.
+- Every stopping rule (stop ids, stop strings, length) is checked per sequence right after it samples, so one choice of a request finishes and frees its blocks while its siblings go on; stop strings are matched on the decoded tail of the output, as long in tokens as the longest stop string is in bytes.
 - LoRA adapters are served side by side on one base model (S-LoRA's idea, unfused): each adapted linear layer adds, row by row, the update of the adapter its request named; adapters load through chapter 5's `load_adapter` (peft layout, base checked), and an adapter's name salts the prefix-cache hashes, since its keys and values differ from the base's.
 - Greedy decoding is temperature 0; sampling is chapter 6's `next_tokens` (temperature, top-k, top-p, repetition penalty), with a per-request generator so seeds reproduce."""
 
@@ -37,6 +38,7 @@ from .inference import Sampling, _parse_scheme, next_tokens
 from .kernels import _jit, constexpr, dequantize_asym, pack_bits, quantize_asym, tl, triton_available, unpack_bits
 from .lora import load_adapter, lora_layers
 from .model import Decoder
+from .tokenizer import Tokenizer
 
 # %% ../nbs/07_serving.ipynb #81419691
 class BlockManager:
@@ -134,6 +136,7 @@ class SamplingParams:
     top_p: float | None = None             # keep the smallest set with this much probability
     repetition_penalty: float = 1.0        # > 1 discourages tokens already in the sequence
     stop_ids: tuple[int, ...] = ()         # tokens that end the sequence (not part of the output)
+    stop: tuple[str, ...] = ()             # strings that end the sequence once its output text holds one (the token that completes it is kept)
     seed: int | None = None                # per-request sampling seed (choice i of n draws with seed + i)
     n: int = 1                             # choices sampled from the same prompt (its blocks shared by fork)
     adapter: str | None = None             # the name of a LoRA adapter the engine serves (None: the base model)
@@ -368,10 +371,12 @@ class EngineConfig:
 
 class LLMEngine:
     "Continuous batching over a paged KV cache: add requests any time, call `step()`, read tokens as they come."
-    def __init__(self, model: Decoder, config: EngineConfig | None = None, adapters: dict[str, str | Path] | None = None, **overrides):
+    def __init__(self, model: Decoder, config: EngineConfig | None = None, adapters: dict[str, str | Path] | None = None,
+                 tokenizer: Tokenizer | None = None, **overrides):
         self.config = config or EngineConfig(**overrides)
         c = self.config
         self.model = model.eval()
+        self.tokenizer = tokenizer                                      # decodes outputs for stop strings (none needed without them)
         self.lora = LoRABank(model, adapters) if adapters else None    # LoRA adapters by name, on this model's layers
         self.bm = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, c.max_num_seqs, c.max_num_batched_tokens)
@@ -390,6 +395,8 @@ class LLMEngine:
         if not 1 <= params.n <= self.config.max_num_seqs:
             raise ValueError(f"n (choices per request) must be between 1 and max_num_seqs={self.config.max_num_seqs}, got {params.n}")
         params.sampling()                                               # temperature, top-k, top-p, penalty in range
+        if params.stop and self.tokenizer is None: raise ValueError("stop strings need an engine built with a tokenizer")
+        if not all(isinstance(s, str) and s for s in params.stop): raise ValueError(f"stop strings must be non-empty strings, got {params.stop!r}")
         if params.adapter is not None and params.adapter not in (self.lora.names if self.lora else []):
             raise ValueError(f"unknown LoRA adapter {params.adapter!r}; this engine serves {self.lora.names if self.lora else []}")
         total = len(prompt_ids) + params.max_tokens
@@ -476,6 +483,14 @@ class LLMEngine:
             children.append(child)
         return children
 
+    def _hits_stop(self, seq: Sequence) -> bool:
+        "Whether the token just appended completes one of the sequence's stop strings (in its output, not its prompt)."
+        if not seq.params.stop: return False
+        # subtle: a stop string of b bytes that ends in the last token starts at most b - 1 tokens before it (a token is >= 1 byte)
+        window = max(len(s.encode()) for s in seq.params.stop)
+        tail = self.tokenizer.decode(seq.output_ids[-window:])
+        return any(s in tail for s in seq.params.stop)
+
     def _emit(self, seq: Sequence, row: torch.Tensor) -> StepOutput:
         "Sample one sequence's next token from its logits row (V,), record it, and finish the sequence if it is done."
         token = self._sample(seq, row)
@@ -484,7 +499,8 @@ class LLMEngine:
         if token in seq.params.stop_ids: seq.finish_reason, token = "stop", None
         else:
             seq.output_ids.append(token); self.stats["generated_tokens"] += 1
-            if len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
+            if self._hits_stop(seq): seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq); del self.seqs[seq.seq_id]
         return StepOutput(seq.request_id, token, seq.finish_reason is not None, seq.finish_reason, seq.index)

@@ -9,7 +9,8 @@ Decisions:
 - Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model (with the request's adapter) over prompt + completion, in `completion_logprobs`, run on the engine's thread between steps; offsets index the returned text.
 - Chat prompts use chapter 2's ChatML template; generation stops at `<|im_end|>` (and the checkpoint's eos).
 - Tool calls: the tools are described in the system prompt and the model answers `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, parsed into OpenAI's `tool_calls` by `parse_tool_calls` (one function, to follow chapter 5's format); with tools, a streamed answer arrives in one chunk once parsed.
-- `n > 1` choices are one engine request (one prefill, blocks shared by fork); each choice keeps its own detokeniser and stop strings, and streamed chunks carry the choice's `index`, as OpenAI's do.
+- `n > 1` choices are one engine request (one prefill, blocks shared by fork); each choice keeps its own detokeniser, and streamed chunks carry the choice's `index`, as OpenAI's do.
+- Stop strings are the engine's to check (it decodes with the server's tokenizer), so a choice that reaches one stops computing at that step while the others go on; the server only cuts the text at the stop string.
 - A request names a LoRA adapter the way vLLM's do, through `model`: `/v1/models` lists the base and each adapter (its `parent` the base), and the engine applies the adapter to that request's rows only.
 - Bearer-token auth on `/v1/*` when an API key is set; `/health` and `/metrics` stay open, as in vLLM."""
 
@@ -272,6 +273,7 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
     app.state.engine = runner
     app.router.on_shutdown.append(runner.shutdown)
     stop_ids = _stop_ids(tokenizer, list(eos_ids))
+    engine.tokenizer = tokenizer                                        # the engine checks stop strings on this tokenizer's text
     max_len = engine.max_model_len
 
     @app.exception_handler(RequestValidationError)
@@ -328,7 +330,7 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
         if body.n > engine.config.max_num_seqs:
             raise APIError(400, f"n={body.n} is more than this server runs at once ({engine.config.max_num_seqs})", param="n")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                              stop_ids=stop_ids, seed=body.seed, n=body.n, adapter=adapter)
+                              stop_ids=stop_ids, stop=tuple(s for s in stops_of(body) if s), seed=body.seed, n=body.n, adapter=adapter)
 
     async def run(prompt_ids: list[int], params: SamplingParams, stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
         "(choice index, new text, finish_reason, tokens so far in that choice) of one request; stop strings end a choice early."

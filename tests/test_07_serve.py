@@ -332,3 +332,25 @@ def test_prompt_logprobs_of_an_adapter_are_the_merged_models(tmp_path):
             assert max(abs(lp.token_logprobs[i] - ref[i - 1, ids[i]].item()) for i in range(1, len(ids))) < 1e-4, name
         _assert_no_leak(engine)
     finally: stop()
+
+
+def test_n_choices_stop_on_their_own_stop_string(client, server):
+    "n=2 with a stop string only choice 0 reaches early: it ends there (text, finish reason, tokens) as a lone request seeded 3 would, choice 1 goes on as seed 4 alone, and the engine computes no token past either stop."
+    tok, prompt = server["tok"], server["tok"].encode("def main():")
+    lone = [_sampled(server, prompt, 40, 3 + i) for i in range(2)]
+    texts = [tok.decode(ids) for ids in lone]
+    # a 2-character ASCII stop string that first occurs in choice 0 at character 4 or later, and never in choice 1
+    stop = next(texts[0][p:p + 2] for p in range(4, len(texts[0]) - 1) if texts[0][p:p + 2].isascii()
+                and texts[0][p:p + 2].isprintable() and texts[0].find(texts[0][p:p + 2]) == p and texts[0][p:p + 2] not in texts[1])
+
+    def upto_stop(ids):                                                 # (tokens generated, text, reason) of a lone request with the stop
+        k = next((k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k])), None)
+        if k is None: return len(ids), tok.decode(ids), "stop" if len(ids) < 40 else "length"
+        return k, tok.decode(ids[:k]).split(stop)[0], "stop"
+
+    want = [upto_stop(ids) for ids in lone]
+    before = server["engine"].stats["generated_tokens"]
+    got = client.completions.create(model="tiny", prompt="def main():", max_tokens=40, temperature=1.0, seed=3, n=2, stop=[stop])
+    assert [(c.text, c.finish_reason) for c in got.choices] == [(t, r) for _, t, r in want]
+    assert want[0][0] < 40 and got.usage.completion_tokens == sum(k for k, _, _ in want)
+    assert server["engine"].stats["generated_tokens"] - before == got.usage.completion_tokens   # no token computed after a stop
