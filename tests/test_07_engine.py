@@ -101,11 +101,18 @@ def test_fork_copy_on_write_keeps_parent_blocks():
     assert bm.num_free == 8
 
 def test_triton_paged_attention_matches_reference_under_interpreter():
-    code = ("import torch; from course_lib.engine import *\n"
+    "Float, int8 and int4 pools (packed codes dequantised in the kernel) against the PyTorch reference path."
+    code = ("import torch; from course_lib.engine import *; from course_lib.kernels import quantize_asym, pack_bits\n"
             "torch.manual_seed(0); k = torch.randn(64, 2, 16); v = torch.randn(64, 2, 16); q = torch.randn(3, 4, 16)\n"
             "t = [[5, 1, 7], [0], [2, 3, 4, 6]]; n = [20, 3, 29]\n"
             "d = (paged_attention_triton(q, k, v, t, n, 8) - paged_attention_reference(q, k, v, t, n, 8)).abs().max()\n"
-            "assert d < 1e-5, d; print('ok')")
+            "assert d < 1e-5, d\n"
+            "def pool(x, bits): c, s, z = quantize_asym(x, bits); return pack_bits(c, bits), s[..., 0], z[..., 0]\n"
+            "for bits in (8, 4):\n"
+            "    kq, vq = pool(k, bits), pool(v, bits)\n"
+            "    d = (paged_attention_triton(q, kq, vq, t, n, 8, bits) - paged_attention_reference(q, kq, vq, t, n, 8, bits)).abs().max()\n"
+            "    assert d < 1e-5, (bits, d)\n"
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
