@@ -50,6 +50,9 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()                     # ("add", key, ...) or ("abort", key)
         self._wake = threading.Event()
         self._live: dict[int, list] = {}                                # key -> [request id, asyncio loop, asyncio queue, choices left]
+        self._key_of: dict[int, int] = {}                               # engine request id -> key
+        self._outbox: dict = {}                                         # asyncio loop -> [(queue, output or error), ...] not yet handed over
+        self._outbox_lock = threading.Lock()
         self._keys = count()
         self._stopped = False
         self.started = time.time()
@@ -65,7 +68,7 @@ class AsyncEngine:
             except Exception as e:                                      # a failed step fails its requests, not the server
                 outputs = []
                 for key in list(self._live): self._fail(key, e)
-            for out in outputs: self._deliver(out)
+            self._deliver(outputs)
 
     def _drain_commands(self):
         while True:
@@ -74,26 +77,49 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, key, prompt_ids, params, loop, q = cmd
                 try: self._live[key] = [self.engine.add_request(prompt_ids, params), loop, q, params.n]
-                except ValueError as e: loop.call_soon_threadsafe(q.put_nowait, e)
+                except ValueError as e: self._post(loop, [(q, e)]); continue
+                self._key_of[self._live[key][0]] = key
             elif cmd[0] == "call":                                     # a model call between steps, on this thread
                 _, fn, loop, future = cmd
                 try: result = fn(); loop.call_soon_threadsafe(future.set_result, result)
                 except Exception as e: loop.call_soon_threadsafe(future.set_exception, e)
             elif cmd[1] in self._live:
-                self.engine.abort(self._live.pop(cmd[1])[0])
+                self.engine.abort(self._forget(cmd[1])[0])
 
-    def _deliver(self, out: StepOutput):
-        key = next((k for k, live in self._live.items() if live[0] == out.seq_id), None)
-        if key is None: return
-        live = self._live[key]
-        live[3] -= out.finished                                         # the request is done when all its choices are
-        if live[3] == 0: del self._live[key]
-        live[1].call_soon_threadsafe(live[2].put_nowait, out)
+    def _forget(self, key: int) -> list:
+        live = self._live.pop(key); del self._key_of[live[0]]
+        return live
+
+    def _post(self, loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]):
+        "Queue (asyncio queue, output or error) pairs for `loop`; wake the loop only if it has not been woken for earlier items yet."
+        # subtle: each wake-up is a write to the loop's self-pipe, and a thread that makes a system call gives up the GIL
+        # and waits to get it back; one wake-up per token cost more than the decode step itself at 16 concurrent requests
+        with self._outbox_lock:
+            box = self._outbox.setdefault(loop, [])
+            wake = not box
+            box.extend(items)
+        if wake: loop.call_soon_threadsafe(self._hand_over, loop)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop):
+        "On the event loop: put everything waiting for it on its requests' queues."
+        with self._outbox_lock: items = self._outbox.pop(loop, [])
+        for q, item in items: q.put_nowait(item)
+
+    def _deliver(self, outputs: list[StepOutput]):
+        "Post a step's outputs to their requests' queues, all of one event loop's at once."
+        by_loop: dict = {}
+        for out in outputs:
+            if (key := self._key_of.get(out.seq_id)) is None: continue
+            live = self._live[key]
+            live[3] -= out.finished                                     # the request is done when all its choices are
+            if live[3] == 0: self._forget(key)
+            by_loop.setdefault(live[1], []).append((live[2], out))
+        for loop, items in by_loop.items(): self._post(loop, items)
 
     def _fail(self, key: int, error: Exception):
-        seq_id, loop, q, _ = self._live.pop(key)
+        seq_id, loop, q, _ = self._forget(key)
         self.engine.abort(seq_id)
-        loop.call_soon_threadsafe(q.put_nowait, error)
+        self._post(loop, [(q, error)])
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         "Submit a request and yield its outputs (of every choice) as the engine produces them; leaving early aborts it."
