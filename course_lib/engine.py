@@ -7,7 +7,8 @@ Decisions:
 - Prefix caching hashes each *full* block chained with its predecessor's hash (a block's hash names its whole prefix); a freed block keeps its hash and content until the free list hands it out again.
 - The scheduler runs once per step: running sequences first (a decode token or the next prefill chunk), then waiting ones in arrival order, all under one token budget (chunked prefill) and a cap on sequences.
 - When blocks run out the newest running sequence is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute mode).
-- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); a Triton kernel does decode attention straight from the block table.
+- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); a Triton kernel does decode attention straight from the block table (float, int8 or int4 pools).
+- The decode pass of a float32 model without LoRA adapters runs chapter 6's `StepDecoder` (fused q/k/v and gate/up, a rope table, no module dispatch) over the same cache hook; it packs the weights once, at engine start, so an engine must be rebuilt after the model's weights change.
 - The pool stores keys and values in full precision or, as chapter 6's int8/int4 caches do, per token and head as codes with a float16 scale and zero (LMDeploy's layout): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
 - `n > 1` choices share their prompt: the request is prefilled once, then forked into n sequences whose block tables point at the same blocks (reference counts), and the partly filled last block is copied on the first write.
 - Every stopping rule (stop ids, stop strings, length) is checked per sequence right after it samples, so one choice of a request finishes and frees its blocks while its siblings go on; stop strings are matched on the decoded tail of the output, as long in tokens as the longest stop string is in bytes.
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .inference import Sampling, _parse_scheme, next_tokens
+from .inference import Sampling, StepDecoder, _parse_scheme, next_tokens
 from .kernels import _jit, constexpr, dequantize_asym, pack_bits, quantize_asym, tl, triton_available, unpack_bits
 from .lora import load_adapter, lora_layers
 from .model import Decoder
@@ -433,6 +434,9 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer                                      # decodes outputs for stop strings (none needed without them)
         self.lora = LoRABank(model, adapters) if adapters else None    # LoRA adapters by name, on this model's layers
+        # decode passes run chapter 6's StepDecoder (fused q/k/v and gate/up, no module dispatch) where it applies:
+        # a float32 model with plain linear layers (so not with LoRA adapters, whose rows differ per request)
+        self.step_decoder = StepDecoder(model) if StepDecoder.supports(model) else None
         self.bm = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, c.max_num_seqs, c.max_num_batched_tokens)
         self.cache = PagedKVCache(model, c.num_blocks, c.block_size, c.kv_scheme)
@@ -513,8 +517,11 @@ class LLMEngine:
         for group in groups:
             ids, positions, write, read, key_mask = self._inputs([batch[i] for i in group])
             view = PagedBatch(self.cache, self.model.cfg.n_layers, write, read)
-            with self.lora.rows([batch[i][0].params.adapter for i in group]) if self.lora else contextlib.nullcontext():
-                out = self.model(ids, positions=positions, cache=view, attention_mask=key_mask)[:, -1]   # (g, V)
+            if ids.shape[1] == 1 and self.step_decoder is not None:    # the decode pass: chapter 6's packed one-token step
+                out = self.step_decoder(ids[:, 0], positions[:, 0], view, key_mask.bool()[:, None, None, :])   # (g, V)
+            else:
+                with self.lora.rows([batch[i][0].params.adapter for i in group]) if self.lora else contextlib.nullcontext():
+                    out = self.model(ids, positions=positions, cache=view, attention_mask=key_mask)[:, -1]   # (g, V)
             for i, row in zip(group, out): logits[i] = row
         return torch.stack(logits)                                      # (b, V)
 

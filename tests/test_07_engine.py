@@ -235,3 +235,14 @@ def test_lora_prefix_cache_is_per_adapter(adapters):
     engine.generate([prompt], SamplingParams(max_tokens=4, adapter="a1"))
     assert engine.stats["cached_prompt_tokens"] == 12
     with pytest.raises(ValueError, match="unknown LoRA adapter 'a3'"): engine.add_request([1], SamplingParams(adapter="a3"))
+
+
+def test_float32_decode_pass_runs_step_decoder_with_unchanged_greedy_tokens():
+    "A float32 model's decode passes go through chapter 6's StepDecoder; greedy tokens still equal chapter 3's no-cache generate."
+    import copy
+    m32 = copy.deepcopy(MODEL).float()
+    engine = LLMEngine(m32, num_blocks=40, block_size=4, max_num_batched_tokens=8)
+    assert engine.step_decoder is not None and LLMEngine(MODEL).step_decoder is None   # float64: the module path
+    prompts = _prompts(2, 3)
+    want = [generate(m32, torch.tensor([p]), 8, greedy=True)[0, len(p):].tolist() for p in prompts]
+    assert engine.generate(prompts, SamplingParams(max_tokens=8)) == want and engine.bm.num_used == 0
