@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import uvicorn
 
-from course_lib.engine import EngineConfig, LLMEngine, PagedKVCache
+from course_lib.engine import EngineConfig, LLMEngine, PagedKVCache, SamplingParams
 from course_lib.model import Decoder, get_config
 from course_lib.serve import create_app
 from course_lib.tokenizer import Tokenizer
@@ -134,6 +134,21 @@ def main():
         print(f"throughput at {c:>2} concurrent: continuous batching / one at a time = {cb['tokens_per_s'] / one['tokens_per_s']:.2f}x")
     result["speedup"] = {c: round(result["levels"]["continuous batching"][c]["tokens_per_s"] /
                                   result["levels"]["one at a time"][c]["tokens_per_s"], 2) for c in levels}
+    # the engine alone, no HTTP: the same requests of the highest level through LLMEngine.generate in this thread,
+    # all at once vs one at a time; what the HTTP path (uvicorn, SSE, the GIL shared by three threads) adds is the difference
+    c = max(levels)
+    requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48)) for _ in range(max(8, min(2 * c, 64)))]
+    alone = {}
+    for mode, max_seqs in (("continuous batching", c), ("one at a time", 1)):
+        engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=max_seqs, max_num_batched_tokens=1024,
+                                               enable_prefix_caching=False, kv_scheme=args.kv_scheme))
+        start = time.perf_counter()
+        engine.generate([p for p, _ in requests], [SamplingParams(max_tokens=n) for _, n in requests])
+        alone[mode] = engine.stats["generated_tokens"] / (time.perf_counter() - start)
+    print(f"engine alone (no HTTP), {len(requests)} requests: {alone['continuous batching']:.0f} tokens/s with up to {c} at once, "
+          f"{alone['one at a time']:.0f} one at a time ({alone['continuous batching'] / alone['one at a time']:.2f}x)")
+    result["engine_alone"] = {"concurrency": c, **{k: round(v, 1) for k, v in alone.items()},
+                              "ratio": round(alone["continuous batching"] / alone["one at a time"], 2)}
     m = result.get("memory")
     if m: print(f"KV memory at {m['concurrency']} concurrent: paged peak {m['paged_peak_bytes'] / 2**20:.1f} MiB, contiguous "
                 f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
