@@ -149,6 +149,19 @@ def main():
           f"{alone['one at a time']:.0f} one at a time ({alone['continuous batching'] / alone['one at a time']:.2f}x)")
     result["engine_alone"] = {"concurrency": c, **{k: round(v, 1) for k, v in alone.items()},
                               "ratio": round(alone["continuous batching"] / alone["one at a time"], 2)}
+    # decode steps alone: c (or 1) sequences admitted and prefilled, then 40 timed engine.step() calls
+    step_ms = {}
+    for b in (1, c):
+        engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=64, max_num_batched_tokens=4096,
+                                               enable_prefix_caching=False, kv_scheme=args.kv_scheme))
+        for prompt, _ in requests[:b]: engine.add_request(prompt, SamplingParams(max_tokens=200))
+        for _ in range(4): engine.step()                                # the prefill, then warm-up decodes
+        start = time.perf_counter()
+        for _ in range(40): engine.step()
+        step_ms[b] = (time.perf_counter() - start) / 40 * 1000
+    print(f"decode step alone: {step_ms[1]:.2f} ms at batch 1, {step_ms[c]:.2f} ms at batch {c} "
+          f"({c * step_ms[1] / step_ms[c]:.2f}x the tokens/s)")
+    result["decode_step_ms"] = {b: round(v, 2) for b, v in step_ms.items()}
     m = result.get("memory")
     if m: print(f"KV memory at {m['concurrency']} concurrent: paged peak {m['paged_peak_bytes'] / 2**20:.1f} MiB, contiguous "
                 f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
