@@ -150,6 +150,23 @@ def test_lean_step_gives_the_tokens_of_decoder_forward(model, monkeypatch):
     with pytest.raises(ValueError, match="StepDecoder needs a float32 Decoder"):
         StepDecoder(model)
 
+def test_compiled_step_gives_the_tokens_of_decoder_forward_and_transformers(model, tmp_path):
+    "generate(compile=True): torch.compile over full-length caches; greedy (left-padded) vs chapter 3's loop and transformers, sampled vs eager."
+    export_hf(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.float32).eval()
+    prompts = [[5, 17, 3, 9, 40, 2, 11], [8, 60, 1]]
+    compiled = generate(model, prompts, 30, greedy=True, compile=True)   # one compiled graph: batch 2, a 37-position cache
+    for p, o in zip(prompts, compiled):
+        assert o == generate_no_cache(model, torch.tensor([p]), 30, greedy=True)[0, len(p):].tolist()
+    ids, mask = left_pad(prompts)
+    assert hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, min_new_tokens=30)[:, 7:].tolist() == compiled
+    kw = dict(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.3)   # same shapes: no second compilation
+    assert (generate(model, prompts, 30, compile=True, generator=torch.Generator().manual_seed(4), **kw)
+            == generate(model, prompts, 30, generator=torch.Generator().manual_seed(4), **kw))
+    with pytest.raises(ValueError, match="compile=True needs the fp KV cache"):
+        generate(model, prompts, 30, kv="int8", compile=True)
+
+
 def test_speculative_equals_target_greedy(model):
     torch.manual_seed(5)
     draft = Decoder(tiny(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)).eval()
