@@ -2,9 +2,12 @@
 
 Trains two small byte-level models on the embedded corpus once (the cpu-1m target and the cpu-draft draft;
 cached under --work), then measures, in one process:
-  1. decode tokens/s, greedy, fp32: ours (`course_lib.inference.generate`) vs transformers `generate` on the
-     exported model, batch 1 and 8, at cpu-1m (trained) and gpu-25m (random weights: speed does not depend
-     on them); the tokens must be identical;
+  1. decode tokens/s, greedy, fp32: ours (`course_lib.inference.generate`, eager and `compile=True`) vs
+     transformers `generate` on the exported model, batch 1 and 8, and vs llama.cpp (batch 1) on the same weights
+     converted to GGUF (f32), at cpu-1m (trained) and gpu-25m (random weights: speed does not depend on them);
+     the tokens must be identical. llama.cpp is an optional peer: it needs `llama-cpp-python` (the `llamacpp`
+     extra, built from its sdist) and the sdist's `vendor/llama.cpp` folder for `convert_hf_to_gguf.py`
+     (`--llama-src`, or the LLAMA_CPP_SRC variable); without them its column is skipped with the reason;
   2. the speed-up of the cache over chapter 3's no-cache loop at 128/512/1024 new tokens (cpu-1m shape with
      a 1,100-token window, random weights);
   3. per KV scheme (fp, int8, int4, kivi4, kivi2): bytes/token (vs a 16-bit cache), validation perplexity
@@ -18,12 +21,17 @@ The machine is shared, so timings are noisy: rounds are interleaved and the medi
     .venv/bin/python benchmarks/bench_inference.py --quick         # smaller lengths, fewer rounds
     .venv/bin/python benchmarks/bench_inference.py --threads 2     # a quiet machine
     .venv/bin/python benchmarks/bench_inference.py --parts decode --rounds 7   # decode speed only (random weights, no training)
+    pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llama && tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
+    LLAMA_CPP_SRC=$(echo /tmp/llama/llama_cpp_python-*/vendor/llama.cpp) .venv/bin/python benchmarks/bench_inference.py --parts decode
 Ends with one JSON line.
 """
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,10 +39,12 @@ from pathlib import Path
 import torch
 
 from course_lib.core import embedded_corpus
-from course_lib.inference import KV_SCHEMES, cache_perplexity, generate, kv_bytes_per_token, quantize_weights, speculative_generate
+from course_lib.inference import KV_SCHEMES, cache_perplexity, generate, kv_bytes_per_token, speculative_generate
 from course_lib.model import Decoder, export_hf, from_hf, get_config
 from course_lib.model import generate as generate_no_cache
 from course_lib.pretrain import TrainConfig, train, write_byte_tokens
+from course_lib.tokenizer import Tokenizer, save_hf
+from course_lib.weights import quantize_weights
 
 warnings.filterwarnings("ignore")
 
@@ -65,27 +75,89 @@ def median_time(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def decode_speed(model: Decoder, batch: int, new: int, rounds: int, tmp: Path) -> dict:
-    "tok/s of ours and of transformers generate (greedy, same prompts), and whether the tokens agree."
+CONVERT = """
+import sys
+src, model_dir, out = sys.argv[1:]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion.base import TextModel
+from conversion.llama import LlamaModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"   # the course tokenizer is GPT-2-style byte-level BPE
+LlamaModel.set_vocab = TextModel._set_vocab_gpt2                  # skip the sentencepiece attempt (there is no tokenizer.model)
+sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outtype", "f32", "--outfile", out]
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def llama_cpp_missing(src: str | None) -> str | None:
+    "Why the llama.cpp column cannot run (None when it can)."
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return f"llama_cpp not importable ({e}); install the `llamacpp` extra (builds from its sdist, ~5 min)"
+    if not src or not (Path(src) / "convert_hf_to_gguf.py").is_file():
+        return "no convert_hf_to_gguf.py: pass --llama-src (or LLAMA_CPP_SRC) = the sdist's vendor/llama.cpp folder"
+    return None
+
+
+def filler_tokenizer(vocab_size: int) -> Tokenizer:
+    "A byte-level BPE tokenizer of exactly vocab_size ids (256 bytes, then byte pairs): GGUF needs a vocabulary; the benchmark feeds ids."
+    vocab, merges = {i: bytes([i]) for i in range(256)}, []
+    pairs = ((a, b) for a in range(256) for b in range(256))
+    while len(vocab) < vocab_size:
+        a, b = next(pairs)
+        merges.append((bytes([a]), bytes([b]))); vocab[len(vocab)] = bytes([a, b])
+    return Tokenizer(vocab, merges)
+
+
+def to_gguf(folder: Path, model: Decoder, src: str) -> Path:
+    "The transformers export in `folder` (with a filler tokenizer) converted to an f32 GGUF by llama.cpp's converter."
+    save_hf(filler_tokenizer(model.cfg.vocab_size), folder)
+    out = folder / "model-f32.gguf"
+    subprocess.run([sys.executable, "-c", CONVERT, src, str(folder), str(out)], check=True, capture_output=True)
+    return out
+
+
+def llama_cpp_runner(gguf: Path, prompt: list[int], new: int, threads: int):
+    "A function running llama.cpp greedy from `prompt` for `new` tokens and returning them."
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new + 8, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    def run() -> list[int]:
+        out = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):   # greedy; no stop at EOS
+            out.append(token)
+            if len(out) == new: return out
+    run.close = llm.close                                               # free the model before the interpreter shuts down
+    return run
+
+
+def decode_speed(model: Decoder, batch: int, new: int, rounds: int, tmp: Path, llama_src: str | None, threads: int) -> dict:
+    "tok/s of ours (eager, compiled), transformers generate and llama.cpp (batch 1, if available) on the same prompts; same tokens?"
     from transformers import AutoModelForCausalLM
     export_hf(model, tmp)
     hf = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, 16), generator=g)
-    ours_out = hf_out = None
-    def ours():
-        nonlocal ours_out; ours_out = generate(model, prompts, new, greedy=True)
+    runs = {"ours": lambda: generate(model, prompts, new, greedy=True),
+            "compiled": lambda: generate(model, prompts, new, greedy=True, compile=True)}
     def theirs():
-        nonlocal hf_out
         with torch.no_grad():
-            hf_out = hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist()
-    ours(); theirs()                                                    # warm-up
-    t_ours, t_hf = [], []
+            return hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist()
+    runs["hf"] = theirs
+    skipped = llama_cpp_missing(llama_src) if batch == 1 else "batch 1 only (llama-cpp-python decodes one sequence)"
+    if skipped is None:
+        llama = llama_cpp_runner(to_gguf(tmp, model, llama_src), prompts[0].tolist(), new, threads)
+        runs["llama_cpp"] = lambda: [llama()]
+    outs = {name: fn() for name, fn in runs.items()}                    # warm-up (and the compilation)
+    times = {name: [] for name in runs}
     for _ in range(rounds):                                             # interleaved rounds
-        t_ours.append(median_time(ours, 1)); t_hf.append(median_time(theirs, 1))
+        for name, fn in runs.items():
+            t0 = time.perf_counter(); outs[name] = fn(); times[name].append(time.perf_counter() - t0)
+    if "llama_cpp" in runs: llama.close()
     toks = batch * new
-    return {"ours_tok_s": toks / statistics.median(t_ours), "hf_tok_s": toks / statistics.median(t_hf),
-            "identical": ours_out == hf_out}
+    result = {f"{name}_tok_s": toks / statistics.median(t) for name, t in times.items()}
+    return result | {"identical": all(out == outs["hf"] for out in outs.values()), "llama_cpp_skipped": skipped}
 
 
 def main():
@@ -97,11 +169,15 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a shared, busy CPU 1 beats 2 by far)")
     p.add_argument("--parts", default="decode,cache,kv,weights,spec", help="comma-separated: decode,cache,kv,weights,spec")
+    p.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC"),
+                   help="llama-cpp-python's sdist folder vendor/llama.cpp (for convert_hf_to_gguf.py); optional")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                                   # no "Loading weights" bars between the rows
     work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
     lengths = (128, 256) if args.quick else (128, 512, 1024)
-    result = {}
+    result = {"load_average_1m_at_start": os.getloadavg()[0]}
 
     parts = set(args.parts.split(","))
     if unknown := parts - {"decode", "cache", "kv", "weights", "spec"}: p.error(f"unknown parts: {', '.join(sorted(unknown))}")
@@ -114,19 +190,27 @@ def main():
     else: target = Decoder(get_config("cpu-1m")).eval()                   # decode speed does not depend on the weights
 
     # 1. decode speed vs transformers
-    if "decode" in parts: print(f"{'model':>8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'same tokens':>11}")
+    if "decode" in parts:
+        print(f"{'model':>8} {'batch':>5} {'ours':>7} {'compiled':>8} {'HF':>7} {'llama.cpp':>9} {'ours/HF':>7} {'comp/HF':>7} "
+              f"{'comp/llama':>10} {'same tokens':>11}   (tok/s)")
     models = {"cpu-1m": target, "gpu-25m": Decoder(get_config("gpu-25m")).eval()} if "decode" in parts else {}
     for name, m in models.items():
         for batch in (1, 8):
-            r = decode_speed(m, batch, args.new if name == "cpu-1m" else args.new // 2, args.rounds, work / f"hf-{name}")
+            r = decode_speed(m, batch, args.new if name == "cpu-1m" else args.new // 2, args.rounds, work / f"hf-{name}",
+                             args.llama_src, args.threads)
             result[f"decode_{name}_b{batch}"] = r
-            print(f"{name:>8} {batch:>5} {r['ours_tok_s']:11.0f} {r['hf_tok_s']:9.0f} {r['ours_tok_s'] / r['hf_tok_s']:6.2f} {str(r['identical']):>11}")
+            llama = r.get("llama_cpp_tok_s")
+            print(f"{name:>8} {batch:>5} {r['ours_tok_s']:7.0f} {r['compiled_tok_s']:8.0f} {r['hf_tok_s']:7.0f} "
+                  f"{llama or float('nan'):9.0f} {r['ours_tok_s'] / r['hf_tok_s']:7.2f} {r['compiled_tok_s'] / r['hf_tok_s']:7.2f} "
+                  f"{r['compiled_tok_s'] / llama if llama else float('nan'):10.2f} {str(r['identical']):>11}")
+            if batch == 1 and r["llama_cpp_skipped"]: print(f"         llama.cpp skipped: {r['llama_cpp_skipped']}")
 
     # 2. cache vs no cache
     if "cache" in parts: cache_speedup(result, lengths, args.rounds)
     if "kv" in parts: kv_schemes(result, target, val, args.steps, work)
     if "weights" in parts: int4_weights(result, target, val, calibration)
     if "spec" in parts: speculative(result, target, draft, val)
+    result["load_average_1m_at_end"] = os.getloadavg()[0]              # timings on a shared machine: say how shared
     print(json.dumps(result, default=float))
 
 

@@ -150,6 +150,23 @@ def test_lean_step_gives_the_tokens_of_decoder_forward(model, monkeypatch):
     with pytest.raises(ValueError, match="StepDecoder needs a float32 Decoder"):
         StepDecoder(model)
 
+def test_compiled_step_gives_the_tokens_of_decoder_forward_and_transformers(model, tmp_path):
+    "generate(compile=True): torch.compile over full-length caches; greedy (left-padded) vs chapter 3's loop and transformers, sampled vs eager."
+    export_hf(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.float32).eval()
+    prompts = [[5, 17, 3, 9, 40, 2, 11], [8, 60, 1]]
+    compiled = generate(model, prompts, 30, greedy=True, compile=True)   # one compiled graph: batch 2, a 37-position cache
+    for p, o in zip(prompts, compiled):
+        assert o == generate_no_cache(model, torch.tensor([p]), 30, greedy=True)[0, len(p):].tolist()
+    ids, mask = left_pad(prompts)
+    assert hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, min_new_tokens=30)[:, 7:].tolist() == compiled
+    kw = dict(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.3)   # same shapes: no second compilation
+    assert (generate(model, prompts, 30, compile=True, generator=torch.Generator().manual_seed(4), **kw)
+            == generate(model, prompts, 30, generator=torch.Generator().manual_seed(4), **kw))
+    with pytest.raises(ValueError, match="compile=True needs the fp KV cache"):
+        generate(model, prompts, 30, kv="int8", compile=True)
+
+
 def test_speculative_equals_target_greedy(model):
     torch.manual_seed(5)
     draft = Decoder(tiny(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)).eval()
@@ -162,69 +179,6 @@ def test_speculative_equals_target_greedy(model):
     with pytest.raises(ValueError, match="draft vocabulary"):
         speculative_generate(model, Decoder(tiny(vocab_size=50)), p, 5)
 
-
-def test_int4_weights_match_dequantised_float64_model(model):
-    import copy
-
-    from course_lib.inference import Int4Linear, quantize_weights
-    from course_lib.quant import dequantize_groupwise
-    q = copy.deepcopy(model)
-    sizes = quantize_weights(q, group_size=32)
-    assert isinstance(q.layers[1].mlp.down_proj, Int4Linear)
-    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)]     # q, k, v, o, gate, up, down (out, in)
-    assert sizes["fp16_bytes"] == 2 * sum(2 * o * i for o, i in shapes)
-    assert sizes["int4_bytes"] == 2 * sum(o * i // 2 + o * (i // 32) * (4 + 1) for o, i in shapes)   # codes + fp32 scale + u8 zero
-    # the same model with each weight replaced by its dequantised copy, in float64, is the reference
-    ref = copy.deepcopy(model).double()
-    for block_q, block_ref in zip(q.layers, ref.layers):
-        for part in ("self_attn", "mlp"):
-            for name, child in getattr(block_q, part).named_children():
-                if isinstance(child, Int4Linear):
-                    getattr(getattr(block_ref, part), name).weight.data = dequantize_groupwise(child.q, torch.float64)
-    idx = torch.randint(0, 97, (2, 12))
-    with torch.no_grad():
-        assert torch.allclose(q(idx).double(), ref(idx), atol=1e-4)
-
-
-def test_awq_layer_equals_float64_and_beats_plain_int4_on_planted_outliers():
-    from course_lib.inference import Int4Linear, awq_scale
-    from course_lib.quant import dequantize_groupwise
-    torch.manual_seed(0)
-    x = torch.randn(512, 128)
-    x[:, :4] *= 30                                                      # planted outlier channels
-    layer = torch.nn.Linear(128, 64, bias=False)
-    s, alpha = awq_scale(layer.weight, x[:256], group_size=64)          # calibrate on half, measure on all
-    q = Int4Linear(layer, 64, act_scale=s)
-    w_s = dequantize_groupwise(q.q).double()                            # (64, 128): W diag(s), quantised
-    # the stored weight is W diag(s) within half a quantisation step per group
-    step = q.q.scale.double().repeat_interleave(64, dim=1)              # (64, 128)
-    assert ((w_s - layer.weight.double() * s.double()).abs() <= step / 2 + 1e-6).all()
-    # the layer computes (x / s) (W s)^T, checked in float64
-    torch.testing.assert_close(q(x).double(), (x.double() / s.double()) @ w_s.T, rtol=1e-4, atol=1e-4)
-    exact = x.double() @ layer.weight.double().T
-    err = lambda layer_q: (layer_q(x).double() - exact).pow(2).mean().item()
-    assert alpha > 0 and err(q) < 0.7 * err(Int4Linear(layer, 64))
-    with pytest.raises(ValueError, match="activations have 100 features"):
-        awq_scale(layer.weight, torch.randn(4, 100))
-
-
-def test_awq_model_is_closer_to_fp_than_plain_int4_with_outlier_channels():
-    import copy
-
-    from course_lib.inference import quantize_weights
-    torch.manual_seed(1)
-    m = Decoder(tiny()).eval()
-    with torch.no_grad():
-        for block in m.layers:                                          # outlier channels at every linear's input
-            block.input_layernorm.weight[:3] = 25.0; block.post_attention_layernorm.weight[5:8] = 25.0
-    calibration, held_out = torch.randint(0, 97, (4, 48)), torch.randint(0, 97, (4, 48))
-    plain, awq = copy.deepcopy(m), copy.deepcopy(m)
-    sizes_plain, sizes_awq = quantize_weights(plain, 32), quantize_weights(awq, 32, calibration=calibration)
-    assert "awq_alpha" not in sizes_plain and len(sizes_awq["awq_alpha"]) == 14
-    assert sizes_awq["int4_bytes"] == sizes_plain["int4_bytes"] + 4 * sum(i for i in (64, 64, 64, 64, 64, 64, 96)) * 2   # + fp32 s
-    with torch.no_grad():
-        ref = m(held_out)
-        assert (awq(held_out) - ref).pow(2).mean() < 0.75 * (plain(held_out) - ref).pow(2).mean()
 
 def test_cache_perplexity_through_fp_cache_equals_plain_cross_entropy(model):
     import math
