@@ -102,7 +102,8 @@ def test_fork_copy_on_write_keeps_parent_blocks():
 
 def test_triton_paged_attention_matches_reference_under_interpreter():
     "Float, int8 and int4 pools (packed codes dequantised in the kernel) against the PyTorch reference path."
-    code = ("import torch; from course_lib.engine import *; from course_lib.kernels import quantize_asym, pack_bits\n"
+    code = ("import torch; from course_lib.paged_attention import paged_attention_reference, paged_attention_triton\n"
+            "from course_lib.kernels import quantize_asym, pack_bits\n"
             "torch.manual_seed(0); k = torch.randn(64, 2, 16); v = torch.randn(64, 2, 16); q = torch.randn(3, 4, 16)\n"
             "t = [[5, 1, 7], [0], [2, 3, 4, 6]]; n = [20, 3, 29]\n"
             "d = (paged_attention_triton(q, k, v, t, n, 8) - paged_attention_reference(q, k, v, t, n, 8)).abs().max()\n"
