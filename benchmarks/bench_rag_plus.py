@@ -2,13 +2,17 @@
 
 English: the Python reference questions (79 topics); Chinese: the news slice questions (60 articles). Chunk vectors are embedded
 once (all-MiniLM-L6-v2) and handed to every store, so the stores are compared on search alone.
-- reranking: hybrid vs hybrid + MaxSim over the top `pool` (recall@5, MRR, nDCG@5 at document level);
+- reranking: hybrid vs hybrid + MaxSim, and with `--model FOLDER` hybrid + the LLM reranker (UPR query likelihood with the
+  course model in that folder, e.g. runs/NAME/pretrain/model or finetune/merged), over the top `pool` (recall@5, MRR, nDCG@5
+  at document level);
 - vector stores: FAISS flat IP (ours) vs Qdrant local (':memory:') vs LlamaIndex `VectorStoreIndex` with our embedder:
   dense recall@5/MRR, agreement of the top 5 with FAISS, queries/s, load time.
 Question vectors are cached after their first use, so queries/s is search (and fusion, and MaxSim's passage encoding), not
 embedding the question; the machine was shared while measuring, so timings are noisy.
-- knowledge graph: BM25 with the query expanded through the keyword co-occurrence graph (`--graph-only`: just this, no MiniLM).
-Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--graph-only]`.
+- knowledge graph, used two ways: BM25 with the query expanded through the keyword co-occurrence graph, and the graph as its
+  own ranked list (graph-neighbour retrieval) fused by RRF with BM25 (`--graph-only`: just these, no MiniLM) and with BM25 +
+  dense (beside hybrid).
+Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--model FOLDER] [--graph-only]`.
 """
 import argparse
 import json
@@ -19,7 +23,8 @@ import numpy as np
 
 from course_lib.rag import (KnowledgeBase, MiniLMEmbedder, chinese_news_docs, chinese_questions, english_questions,
                             evaluate_retrieval, python_reference_docs)
-from course_lib.rag_plus import MaxSimReranker, QdrantIndex, evaluate_reranked, expand_query, keyword_graph
+from course_lib.rag_plus import (LLMReranker, MaxSimReranker, QdrantIndex, evaluate_reranked, expand_query, keyword_graph,
+                                 search_with_graph)
 
 
 class CachedQueries:
@@ -74,12 +79,14 @@ def top5_agreement(a, b, questions) -> tuple[float, float]:
 
 
 def graph_rows(kb: KnowledgeBase, questions: list[dict], per_chunk: int = 6) -> list[dict]:
-    "BM25 alone, then with each query term's 1 or 2 strongest graph neighbours added."
+    "BM25 alone, then with each query term's 1 or 2 strongest graph neighbours added, then BM25 fused with the graph's own list."
     g = keyword_graph(kb, per_chunk)
     rows = [evaluate_retrieval(kb, questions, "bm25")]
     for n in (1, 2):
         search = lambda q, k: kb.search(expand_query(g, q, n), k, "bm25")
         rows.append(evaluate_retrieval(kb, questions, "bm25", search=search) | {"mode": f"bm25, query + {n} graph neighbour(s)/term"})
+    search = lambda q, k: search_with_graph(kb, g, q, k, modes=("bm25",))
+    rows.append(evaluate_retrieval(kb, questions, "bm25", search=search) | {"mode": "RRF(bm25, graph list)"})
     return rows
 
 
@@ -92,6 +99,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-en", type=int, default=79); ap.add_argument("--n-zh", type=int, default=60)
     ap.add_argument("--pool", type=int, default=20); ap.add_argument("--graph-only", action="store_true")
+    ap.add_argument("--model", help="a course model folder (Hugging Face layout) for the LLM reranker")
     args = ap.parse_args(argv)
     sets = [("en", dict(list(python_reference_docs().items())[:args.n_en]), english_questions),
             ("zh", chinese_news_docs(args.n_zh), chinese_questions)]
@@ -105,6 +113,10 @@ def main(argv=None):
     if args.graph_only:
         print(json.dumps(out, default=float)); return
     emb = CachedQueries(MiniLMEmbedder()); maxsim = MaxSimReranker(emb)
+    llm = None
+    if args.model:
+        from course_lib.eval import CourseLM
+        llm = LLMReranker(CourseLM.from_dir(args.model), name="UPR, course model")
     for lang, docs, make_qs in sets:
         qs = make_qs(docs)
         for q in qs: emb.encode([q["question"]])   # question vectors first, so no row's queries/s includes embedding them
@@ -113,6 +125,13 @@ def main(argv=None):
         rows = [timed(kb, qs, m) for m in ("bm25", "dense", "hybrid")]
         t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, maxsim, pool=args.pool)
         rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
+        if llm is not None:
+            t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, llm, pool=args.pool)
+            rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
+        g = keyword_graph(kb)
+        t0 = time.perf_counter()
+        rr = evaluate_retrieval(kb, qs, "hybrid", search=lambda q, n: search_with_graph(kb, g, q, n))
+        rows.append(rr | {"mode": "RRF(bm25, dense, graph list)", "qps": len(qs) / (time.perf_counter() - t0)})
         qkb, q_load = build(docs, emb, QdrantIndex(emb.dim), vectors)
         _, f_load = build(docs, emb, None, vectors)
         qrow = timed(qkb, qs, "dense") | {"mode": "dense, Qdrant local (:memory:)", "load_s": q_load}
