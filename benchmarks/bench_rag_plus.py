@@ -12,7 +12,8 @@ embedding the question; the machine was shared while measuring, so timings are n
 - knowledge graph, used two ways: BM25 with the query expanded through the keyword co-occurrence graph, and the graph as its
   own ranked list (graph-neighbour retrieval) fused by RRF with BM25 (`--graph-only`: just these, no MiniLM) and with BM25 +
   dense (beside hybrid).
-Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--model FOLDER] [--graph-only]`.
+A seeded random order of the pool is the floor every reranker row is read against.
+Run: `nice python benchmarks/bench_rag_plus.py [--n-en 79] [--n-zh 60] [--pool 20] [--model FOLDER] [--lang en|zh|both] [--no-maxsim] [--upr-check] [--graph-only]`.
 """
 import argparse
 import json
@@ -35,6 +36,13 @@ class CachedQueries:
         if len(texts) != 1: return self.emb.encode(texts)
         if texts[0] not in self.cache: self.cache[texts[0]] = self.emb.encode(texts)
         return self.cache[texts[0]]
+
+
+class RandomReranker:
+    "The floor a reranker must beat: a seeded random order of the pool."
+    name = "random order"
+    def __init__(self, seed: int = 0): self.rng = np.random.default_rng(seed)
+    def scores(self, query, texts): return self.rng.random(len(texts))
 
 
 def build(docs: dict, emb, index=None, vectors: dict | None = None) -> tuple[KnowledgeBase, float]:
@@ -90,6 +98,18 @@ def graph_rows(kb: KnowledgeBase, questions: list[dict], per_chunk: int = 6) -> 
     return rows
 
 
+def passage_dependence(llm, docs: dict, questions: list[dict], n: int = 20) -> dict:
+    """Does the LLM reranker read the passage? Mean UPR score of each question after its relevant document, after another
+    (7 documents on), after an empty passage; how often the relevant one beats the other; the mean gap between them."""
+    names, rows = list(docs), []
+    for q in questions[:n]:
+        rel = sorted(q["relevant"])[0]; other = names[(names.index(rel) + 7) % len(names)]
+        rows.append(llm.scores(q["question"], [docs[rel], docs[other], ""]))
+    rows = np.array(rows)   # (n, 3)
+    return {"relevant": rows[:, 0].mean(), "other": rows[:, 1].mean(), "empty": rows[:, 2].mean(),
+            "relevant_wins": (rows[:, 0] > rows[:, 1]).mean(), "mean_gap": np.abs(rows[:, 0] - rows[:, 1]).mean(), "n": len(rows)}
+
+
 def timed(kb, questions, mode, **kw) -> dict:
     t0 = time.perf_counter(); r = evaluate_retrieval(kb, questions, mode, **kw)
     return r | {"qps": len(questions) / (time.perf_counter() - t0)}
@@ -100,10 +120,22 @@ def main(argv=None):
     ap.add_argument("--n-en", type=int, default=79); ap.add_argument("--n-zh", type=int, default=60)
     ap.add_argument("--pool", type=int, default=20); ap.add_argument("--graph-only", action="store_true")
     ap.add_argument("--model", help="a course model folder (Hugging Face layout) for the LLM reranker")
+    ap.add_argument("--lang", choices=["en", "zh", "both"], default="both")
+    ap.add_argument("--no-maxsim", action="store_true", help="leave out the MaxSim row (the slowest)")
+    ap.add_argument("--upr-check", action="store_true", help="with --model: only whether the LLM reranker reads the passage (no MiniLM)")
     args = ap.parse_args(argv)
     sets = [("en", dict(list(python_reference_docs().items())[:args.n_en]), english_questions),
             ("zh", chinese_news_docs(args.n_zh), chinese_questions)]
+    sets = [x for x in sets if args.lang in (x[0], "both")]
     out = {}
+    if args.upr_check:
+        from course_lib.eval import CourseLM
+        llm = LLMReranker(CourseLM.from_dir(args.model))
+        print("| set | mean log p/token after: relevant doc | another doc | empty passage | relevant > other | mean gap |\n|---|---|---|---|---|---|")
+        for lang, docs, make_qs in sets:
+            out[lang] = r = passage_dependence(llm, docs, make_qs(docs))
+            print(f"| {lang} ({r['n']} questions) | {r['relevant']:.3f} | {r['other']:.3f} | {r['empty']:.3f} | {r['relevant_wins']:.2f} | {r['mean_gap']:.3f} |")
+        print(json.dumps(out, default=float)); return
     for lang, docs, make_qs in sets:
         kb, qs = build(docs, None)[0], make_qs(docs)
         out[f"graph_{lang}"] = rows = graph_rows(kb, qs)
@@ -123,8 +155,10 @@ def main(argv=None):
         kb, build_s = build(docs, emb)
         vectors = {s: np.stack([kb.index.reconstruct(kb._vid[c]) for c in kb.by_source[s]]) for s in docs}
         rows = [timed(kb, qs, m) for m in ("bm25", "dense", "hybrid")]
-        t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, maxsim, pool=args.pool)
-        rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
+        if not args.no_maxsim:
+            t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, maxsim, pool=args.pool)
+            rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
+        rows.append(evaluate_reranked(kb, qs, RandomReranker(), pool=args.pool) | {"qps": float("nan")})
         if llm is not None:
             t0 = time.perf_counter(); rr = evaluate_reranked(kb, qs, llm, pool=args.pool)
             rows.append(rr | {"qps": len(qs) / (time.perf_counter() - t0)})
