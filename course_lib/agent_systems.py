@@ -332,7 +332,8 @@ def _state(tool_name: str, arguments: dict, observation: str) -> str:
     return f"The corpus says: {first}" if first.startswith("[") else "Nothing in the course corpus matches the question."
 
 def scripted_policy(messages: list[dict]) -> str:
-    "The demo's scripted back end (a function of the conversation): one tool call picked from the question, then the observation stated; speaks ReAct, ReWOO and the planner."
+    """The demo's scripted back end (a function of the conversation): one tool call picked from the question, then the observation
+    stated; speaks ReAct, ReWOO, plan-and-reflect (after a failed plan it searches the corpus instead) and the planner."""
     first = next(m["content"] for m in messages if m["role"] == "user")
     if first.startswith("Split the question into sub-questions"):         # the planner: one node per part joined by ';' or 'and'
         parts = [p for p in re.split(r"\s*(?:;|\band\b)\s*", first.rsplit("Question:", 1)[1].strip()) if p]
@@ -342,6 +343,9 @@ def scripted_policy(messages: list[dict]) -> str:
     if first.startswith("Make a plan"):                                   # ReWOO's planner
         thought, name, args = _pick_tool(first.rsplit("Question:", 1)[1])
         return f"Plan: {thought}\n#E1 = {name}[{json.dumps(args, ensure_ascii=False)}]"
+    if first.startswith("Your plan for the question was run, and it failed"):   # plan-and-reflect: a new plan, the corpus this time
+        question = first.rsplit("Question:", 1)[1].strip()
+        return f"Plan: the last plan failed, so I will search the course corpus instead.\n#E1 = search[{json.dumps({'query': question}, ensure_ascii=False)}]"
     if first.startswith("Answer the question using the plan"):            # ReWOO's solver
         name, args = re.search(r"^#E1 = ([\w.-]+)\[(.*)\]$", first, re.M).groups()
         evidence = first.split("Evidence: ", 1)[1].rsplit("\nQuestion:", 1)[0]
@@ -382,7 +386,7 @@ from .core import demo
 
 @demo("agents")
 def agents_demo(run: str | None = None):
-    "A Gradio app: ask an agent (ReAct, ReWOO or the planner) and watch its trace and graph stream; scripted, course-model or endpoint back end."
+    "A Gradio app: ask an agent (ReAct, ReWOO, plan-and-reflect or the planner) and watch its trace and graph stream; scripted, course-model or endpoint back end."
     import os
     import queue
     import gradio as gr
@@ -416,6 +420,7 @@ def agents_demo(run: str | None = None):
                 picked, steps_to = [tools[t] for t in chosen], lambda s: events.put(("step", s))
                 if loop == "ReAct": box["trace"] = react(model, picked, question, max_steps=int(max_steps), on_step=steps_to)
                 elif loop == "ReWOO": box["trace"] = rewoo(model, picked, question, on_step=steps_to)
+                elif loop == "plan-and-reflect": box["trace"] = plan_and_reflect(model, picked, question, on_step=steps_to)
                 else: box["trace"], _ = mind_search(model, searcher, picked, question, max_steps=int(max_steps), on_event=node_event)
             except Exception as e: box["error"] = e   # the back end failed: say so, keep the trace so far
             finally: events.put(None)
@@ -443,14 +448,14 @@ def agents_demo(run: str | None = None):
                 answer = gr.Textbox(label="answer", elem_id="answer", lines=3)
                 totals = gr.Textbox(label="totals", elem_id="totals")
                 gr.Examples(["What is (12 + 30) * 7?", "python: print(sum(i * i for i in range(10)))",
-                             "What does the corpus say about tokenizers?", "What is 6 * 7 and what is (1 + 2) * 3"], inputs=question)
+                             "What does the corpus say about tokenizers?", "What is 6 * 7 and what is (1 + 2) * 3", "What is 1 / 0?"], inputs=question)
             with gr.Column(scale=1):
                 kind = gr.Radio(["scripted", "course model", "endpoint"], value="scripted", label="back end", elem_id="backend")
                 folder = gr.Textbox(label="model folder (course model)", value=_default_folder(run), elem_id="model-folder")
                 url = gr.Textbox(label="endpoint base URL", value=os.environ.get("CAMP_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"), elem_id="endpoint-url")
                 name = gr.Textbox(label="endpoint model name", value=os.environ.get("CAMP_OPENAI_MODEL", "camp"), elem_id="endpoint-model")
                 native = gr.Checkbox(label="native tool calls (else the <tool_call> text protocol)", value=True, elem_id="native")
-                loop = gr.Radio(["ReAct", "ReWOO", "planner"], value="ReAct", label="loop", elem_id="loop")
+                loop = gr.Radio(["ReAct", "ReWOO", "plan-and-reflect", "planner"], value="ReAct", label="loop", elem_id="loop")
                 chosen = gr.CheckboxGroup(list(tools), value=list(tools), label="tools", elem_id="tools")
                 max_steps = gr.Slider(1, 10, value=4, step=1, label="max model turns (ReAct, each searcher)", elem_id="max-steps")
         with gr.Row():

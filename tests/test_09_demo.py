@@ -1,5 +1,6 @@
 """Chapter 9's agents demo in a real browser: the scripted back end's traces (calculator under ReAct, the sandboxed
-interpreter under ReWOO, the planner's graph of two calculator nodes) against values computed here, the course model's reply against transformers' greedy
+interpreter under ReWOO, plan-and-reflect recovering from a failed calculator step by searching the corpus, the planner's
+graph of two calculator nodes) against values computed here, the course model's reply against transformers' greedy
 generation, and an endpoint that does not answer reported as an error."""
 import pytest
 import torch
@@ -28,7 +29,7 @@ def ask(page, url, question, backend=None, loop=None, extra=None):
 
 
 @pytest.mark.browser
-def test_scripted_back_end_under_react_rewoo_and_the_planner_and_a_dead_endpoint(launch_demo, page):
+def test_scripted_back_end_under_each_loop_and_a_dead_endpoint(launch_demo, page):
     import socket
     url = launch_demo("agents")
     trace, answer, totals = ask(page, url, "What is (12 + 30) * 7?")
@@ -42,6 +43,13 @@ def test_scripted_back_end_under_react_rewoo_and_the_planner_and_a_dead_endpoint
     assert "plan" in trace and "python(" in trace and want in trace
     assert answer == f"The code printed:\n{want}"
     assert totals.startswith("stop: answer · 2 model calls · 1 tool calls")
+
+    trace, answer, totals = ask(page, url, "What is 1 / 0?", loop="plan-and-reflect")
+    assert 'calculator({"expression": "1 / 0"})' in trace and "reflect: #E1 failed: error: calculator raised ValueError: division by zero" in trace
+    second = trace.split('search({"query": "What is 1 / 0?"})', 1)[1]       # the new plan's step and what follows it
+    assert "the last plan failed" in trace and answer.startswith("The corpus says: [pydoc/")
+    assert answer.removeprefix("The corpus says: ").splitlines()[0] in second   # the answer states the search's observation
+    assert totals.startswith("stop: answer · 3 model calls · 2 tool calls")  # plan, new plan, solver; the failed call and the search
 
     trace, answer, totals = ask(page, url, "What is 6 * 7 and what is (1 + 2) * 3", loop="planner")
     graph = page.locator("#graph").inner_text()

@@ -1,14 +1,16 @@
 """Chapter 10b: one generator interface (the course model in-process, its transformers export, chapter 7's server give the
 same cited answers), citations checked, the keyword graph against hand-counted co-occurrences, MaxSim against a hand computation and against transformers' token vectors,
-reranking reorders only the pool, Qdrant returns what FAISS returns (search, live updates, persistence)."""
+reranking reorders only the pool, the LLM (query-likelihood) reranker against a float64 transformers computation and on a
+planted passage, Qdrant returns what FAISS returns (search, live updates, persistence), graph-neighbour retrieval by hand."""
 import numpy as np
 import pytest
 import torch
 
 from course_lib.rag import (OFF_TOPIC, REFUSAL, Gate, HashEmbedder, KnowledgeBase, answer, english_questions,
-                            evaluate_retrieval, load_kb, python_reference_docs, save_kb)
-from course_lib.rag_plus import (MaxSimReranker, QdrantIndex, check_citations, evaluate_answers, evaluate_reranked,
-                                 expand_query, keyword_graph, lm_generator, rerank)
+                            evaluate_retrieval, load_kb, python_reference_docs, rrf, save_kb)
+from course_lib.rag_plus import (LLMReranker, MaxSimReranker, QdrantIndex, check_citations, evaluate_answers,
+                                 evaluate_reranked, expand_query, keyword_graph, lm_generator, rerank, search_graph,
+                                 search_with_graph)
 from tiny import tiny_chat_model
 
 DOCS = python_reference_docs()
@@ -127,6 +129,53 @@ def test_rerank_reorders_only_the_pool(small_kb):
     assert [same[m] for m in ("recall@5", "mrr", "ndcg@5")] == [base[m] for m in ("recall@5", "mrr", "ndcg@5")]
 
 
+def test_llm_reranker_equals_float64_transformers(small_kb, tiny_lms):
+    "UPR scores of the course model = mean log p(question tokens | prompt) from transformers' export of it, in float64."
+    import copy
+    hf, hf_encode = copy.deepcopy(tiny_lms["hf"].hf).double(), tiny_lms["hf"].encode   # transformers' model and tokenizer
+    q = "How do I leave a loop early?"
+    texts = [small_kb.index_text(h.chunk) for h in small_kb.search(q, 4)] + ["x" * 900]   # the last one is cut to 500 chars
+    def ref(passage):
+        ctx = f"Passage: {passage[:500]}\nPlease write a question based on this passage.\nQuestion:"
+        c, whole = hf_encode(ctx), hf_encode(ctx + " " + q)
+        assert whole[:len(c)] == c
+        with torch.no_grad(): lp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].double(), -1)   # (t, V)
+        return float(np.mean([lp[i - 1, whole[i]].item() for i in range(len(c), len(whole))]))
+    course = tiny_lms["course"]
+    got = LLMReranker(course).scores(q, texts)
+    assert np.allclose(got, [ref(t) for t in texts], atol=1e-4) and len(set(np.round(got, 4))) == len(texts)
+    with pytest.raises(ValueError, match="passage"): LLMReranker(course, template="no field")
+    with pytest.raises(TypeError, match="local chapter 8 LM"): LLMReranker(object())
+
+
+def _copying_lm():
+    "A hand-made causal LM over bytes that predicts the byte that followed the last earlier occurrence of the last 4 bytes."
+    from course_lib.eval import LocalLM
+    def logits(ids):                                              # (b, t) -> (b, t, 256)
+        out = torch.zeros(*ids.shape, 256)
+        for b, row in enumerate(ids.tolist()):
+            last = {}
+            for i in range(3, len(row)):
+                key = tuple(row[i - 3:i + 1])
+                if key in last: out[b, i, row[last[key] + 1]] = 8.0
+                last[key] = i
+        return out
+    return LocalLM("copy", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), logits, 4096, 0)
+
+
+def test_llm_reranker_puts_the_passage_holding_the_question_first():
+    "With a model that copies from its context, the planted passage (the question asked verbatim) must win the pool."
+    kb = KnowledgeBase(HashEmbedder(128), max_chars=200, overlap=0)
+    for s in TOPICS: kb.add(s, DOCS[s])
+    kb.add("planted", "Q: what ends a while loop before its condition is false? A: the break statement.")
+    q = "what ends a while loop before its condition is false?"
+    before, after = kb.search(q, 10), rerank(kb, q, LLMReranker(_copying_lm()), k=10, pool=10)
+    assert after[0].chunk.source == "planted" and after[0].score > after[1].score + 0.5
+    assert sorted(h.chunk.id for h in after) == sorted(h.chunk.id for h in before)
+    texts = [kb.index_text(h.chunk) for h in before if h.chunk.source != "planted"] + [kb.index_text(kb.chunks[kb.by_source["planted"][0]])]
+    assert int(np.argmax(LLMReranker(_copying_lm()).scores(q, texts))) == len(texts) - 1   # planted last in the list, first by score
+
+
 def _qdrant_twin(emb, **kw):
     return KnowledgeBase(emb, index=QdrantIndex(emb.dim, **kw), max_chars=300), KnowledgeBase(emb, max_chars=300)
 
@@ -164,6 +213,24 @@ def test_keyword_graph_counts_shared_chunks_by_hand():
     assert expand_query(g, "unknown words") == "unknown words"
     kb.delete("b")                                                    # rebuilt from the live BM25 statistics
     assert keyword_graph(kb, per_chunk=10)["banana"]["cherry"]["weight"] == 1
+
+
+def test_graph_neighbour_retrieval_by_hand():
+    "Chunks holding a query keyword score its idf, those holding a graph neighbour half of that; fused by RRF with BM25."
+    kb = KnowledgeBase(None)
+    for s, t in [("a", "apple banana cherry"), ("c", "apple banana"), ("d", "dates"), ("b", "banana cherry")]: kb.add(s, t)
+    g = keyword_graph(kb, per_chunk=10)
+    idf = kb.bm25.idf
+    hits = search_graph(kb, g, "cherry", k=5, n=1)                   # cherry's strongest neighbour: banana
+    want = {"a#0-19": idf("cherry") + 0.5 * idf("banana"), "b#0-13": idf("cherry") + 0.5 * idf("banana"), "c#0-12": 0.5 * idf("banana")}
+    assert [h.chunk.id for h in hits] == ["a#0-19", "b#0-13", "c#0-12"] and all(h.score == pytest.approx(want[h.chunk.id]) for h in hits)
+    assert search_graph(kb, g, "unknown words") == []
+    fused = search_with_graph(kb, g, "cherry", k=5, n=1, modes=("bm25",))
+    by_hand = rrf([["a#0-19", "b#0-13"] if kb.search_bm25("cherry", 5)[0].chunk.id == "a#0-19" else ["b#0-13", "a#0-19"],
+                   ["a#0-19", "b#0-13", "c#0-12"]])
+    assert [(h.chunk.id, pytest.approx(h.score)) for h in fused] == [(i, v) for i, v in by_hand]
+    kb.delete("a")                                                    # a stale graph never returns deleted chunks
+    assert "a#0-19" not in [h.chunk.id for h in search_graph(kb, g, "cherry")]
 
 
 def test_rag_stage_answers_with_the_runs_own_model(tmp_path):
