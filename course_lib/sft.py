@@ -228,14 +228,22 @@ _ANSWER_ZH = ["我是{name}，由{maker}开发的助手。", "我叫{name}，是
 _PREFIX = ["", "", "Hi! ", "Hello. ", "Quick question: ", "Hey, "]
 _PREFIX_ZH = ["", "", "你好！", "请问，", "嗨，"]
 
-def self_cognition_set(n: int, seed: int = 0, name: str = ASSISTANT_NAME, maker: str = ASSISTANT_MAKER) -> list[dict]:
-    "n conversations asking the assistant who it is / who made it (EN and 中文); each record has messages and an answer check."
+def _who_questions(zh: bool) -> list[str]:
+    "Every question the self-cognition set can ask: a prefix and a question (English ones also in lower case)."
+    qs = [p + w for p in dict.fromkeys(_PREFIX_ZH if zh else _PREFIX) for w in (_WHO_ZH if zh else _WHO_EN)]
+    return qs if zh else qs + [q.lower() for q in qs]
+
+def self_cognition_set(n: int, seed: int = 0, name: str = ASSISTANT_NAME, maker: str = ASSISTANT_MAKER,
+                       split: str = "train", val_fraction: float = 0.2) -> list[dict]:
+    """n conversations asking the assistant who it is / who made it (EN and 中文), each with an answer check; the
+    questions come from those whose text falls in `split`, so a held-out ('val') question is never trained on."""
     rng = random.Random(seed)
+    pools = {zh: [q for q in _who_questions(zh) if split_of(q, val_fraction) == split] for zh in (False, True)}
+    if not all(pools.values()): raise ValueError(f"no self-cognition questions fall in the {split!r} split at val_fraction={val_fraction}")
     out = []
     for _ in range(n):
         zh = rng.random() < 0.4
-        q = rng.choice(_PREFIX_ZH if zh else _PREFIX) + rng.choice(_WHO_ZH if zh else _WHO_EN)
-        if not zh and rng.random() < 0.2: q = q.lower()
+        q = rng.choice(pools[zh])
         a = rng.choice(_ANSWER_ZH if zh else _ANSWER_EN).format(name=name, maker=maker)
         out.append({"task": "self_cognition", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                     "expect": {"name": name, "maker": maker}})
@@ -307,14 +315,14 @@ def make_sft_sets(n_train: int, n_test: int, seed: int = 0, records: Iterable[di
     "{task: {'train': [...], 'test': [...]}} for the three tasks; test questions never occur verbatim in train."
     records = list(records) if records is not None else list(embedded_corpus("prose", max_bytes=400_000))
     paras = list(passages(records))
-    sets = {"self_cognition": (self_cognition_set, {}), "tool_use": (tool_use_set, {})}
-    out = {}
-    for task, (make, kw) in sets.items():
-        train = make(n_train, seed=seed, **kw)
-        seen = {c["messages"][0]["content"] for c in train}
-        test = [c for c in make(4 * n_test + 50, seed=seed + 1, **kw) if c["messages"][0]["content"] not in seen][:n_test]
-        out[task] = {"train": train, "test": test}
+    out = {"self_cognition": {"train": self_cognition_set(n_train, seed), "test": self_cognition_set(n_test, seed + 1, split="val")}}
+    train = tool_use_set(n_train, seed=seed)
+    seen = {c["messages"][0]["content"] for c in train}
+    test = [c for c in tool_use_set(4 * n_test + 50, seed=seed + 1) if c["messages"][0]["content"] not in seen][:n_test]
+    out["tool_use"] = {"train": train, "test": test}
     out["reading"] = {"train": reading_set(paras, n_train, seed, "train"), "test": reading_set(paras, n_test, seed + 1, "val")}
+    if short := [t for t, s in out.items() if len(s["test"]) < n_test]:
+        raise ValueError(f"fewer than {n_test} held-out conversations for {short}: ask for fewer (n_test) or train on fewer (n_train)")
     return out
 
 def write_sft_sets(sets: dict[str, dict[str, list[dict]]], folder: str | Path) -> dict[str, Path]:

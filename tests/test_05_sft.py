@@ -179,6 +179,15 @@ def test_sets_held_out_and_well_formed(tmp_path):
     assert make_sft_sets(80, 20, seed=3)["tool_use"]["train"] == sets["tool_use"]["train"]   # deterministic
 
 
+
+def test_held_out_self_cognition_questions_stay_unseen_however_many_are_drawn():
+    "The question space is a few hundred texts: 3,000 training conversations cover all of their split, none of the other's."
+    from course_lib.sft import self_cognition_set
+    train = {c["messages"][0]["content"] for c in self_cognition_set(3000, seed=0)}
+    test = {c["messages"][0]["content"] for c in self_cognition_set(200, seed=1, split="val")}
+    assert len(train) > 100 and len(test) > 10 and train.isdisjoint(test)
+    with pytest.raises(ValueError, match="split"): self_cognition_set(5, split="val", val_fraction=0.0)
+
 def test_sft_batches_are_a_batch_source(tok):
     "SFTBatches: a pure function of the generator, rows are a slice of the same global draw, windows full, no example split."
     examples, _ = encode_all(tok, [c["messages"] for s in make_sft_sets(12, 1).values() for c in s["train"]], 200)
