@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     cases = held_out_arithmetic(a.n_train, a.n_test, a.seed)   # the same held-out questions run_finetune evaluated
     backends = {"scripted (upper bound)": lambda: ScriptedModel([scripted_policy], repeat_last=True)}
     for label, folder in (("base", base), ("fine-tuned", Path(ft["paths"]["merged"]))):
-        model = CourseModel.load(folder, max_new_tokens=48)
+        model = CourseModel.load(folder, max_new_tokens=96)
         backends[label] = lambda model=model: model
     rows = {}
     for label, make in backends.items():

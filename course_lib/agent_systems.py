@@ -302,7 +302,7 @@ def agents_stage(ctx: RunContext) -> str:
     rows = {"scripted (reference)": agent_success(lambda: ScriptedModel(calculator_policy()), cases)}
     for label, folder in (("base (pretrain/model)", ctx.run_dir / "pretrain" / "model"), ("fine-tuned (finetune/merged)", ctx.run_dir / "finetune" / "merged")):
         if (folder / "tokenizer.json").is_file() or (folder / "config.json").is_file():
-            try: model = CourseModel.load(folder, max_new_tokens=48)
+            try: model = CourseModel.load(folder, max_new_tokens=96)
             except (FileNotFoundError, ValueError, KeyError) as e: rows[label] = {"error": str(e)}; continue
             rows[label] = agent_success(lambda: model, cases)
     ctx.summary["agents"] = rows

@@ -176,3 +176,37 @@ def test_dpo_train_starts_at_the_reference_and_moves(base):
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # -log sigmoid(0)
     assert any(abs(h["margin"]) > 1e-6 for h in history[1:])
     with pytest.raises(ValueError, match="prepare_model"): dpo_train(from_hf(base), tok, pairs, steps=1)
+
+
+class Parrot(torch.nn.Module):
+    "A model that is always right: it answers each known prompt with its reference reply, one greedy token per call."
+    def __init__(self, answers: dict[tuple, list[int]], vocab: int):
+        super().__init__()
+        self.answers, self.vocab, self.w = answers, vocab, torch.nn.Parameter(torch.zeros(1))
+        self.cfg = ModelConfig(vocab_size=vocab, max_seq_len=2048)
+
+    def forward(self, x, positions=None, segment_ids=None):
+        logits = torch.zeros(*x.shape, self.vocab)
+        for i in range(len(x)):
+            seen = x[i][segment_ids[i] >= 0].tolist()
+            prompt, reply = next((p, r) for p, r in self.answers.items() if tuple(seen[:len(p)]) == p)
+            logits[i, -1, reply[min(len(seen) - len(prompt), len(reply) - 1)]] = 1   # a finished row repeats its end
+        return logits
+
+
+def test_a_model_that_is_always_right_scores_every_task_in_full():
+    "evaluate_tasks gives each task room for its longest reference reply (a byte-level tool call is ~80 tokens)."
+    from course_lib.finetune import evaluate_tasks
+    tok = byte_tok()
+    text = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(30)) for p in range(20))   # every passage and cue distinct
+    records = [r for s in make_sft_sets(20, 6, seed=2, records=[{"id": "d", "text": text}]).values() for r in s["test"]]
+    answers = {}
+    for r in records:
+        first = next(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+        prompt = tuple(tok.encode(render_chat(r["messages"][:first], add_generation_prompt=True)))
+        answers[prompt] = tok.encode(r["messages"][first]["content"]) + [tok.special_tokens["<|im_end|>"]]
+    assert max(map(len, answers.values())) > 64                     # longer than a fixed reply budget would allow
+    test = {t: [r for r in records if r["task"] == t] for t in ("self_cognition", "tool_use", "reading")}
+    scores = evaluate_tasks(Parrot(answers, tok.vocab_size), tok, test)
+    assert scores == {"self_cognition": {"correct": 1.0}, "tool_use": {"well_formed": 1.0, "correct": 1.0}, "reading": {"correct": 1.0}}
+    with pytest.raises(ValueError, match="no held-out records"): evaluate_tasks(Parrot(answers, tok.vocab_size), tok, {"reading": []})
