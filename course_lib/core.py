@@ -140,13 +140,13 @@ class Settings:
     # model (chapter 3)
     model_preset: str = "cpu-1m"      # a named config in course_lib.model
     # pretraining (chapter 4)
-    steps: int = 200                  # optimiser steps
+    steps: int = 2400                 # optimiser steps
     batch_size: int = 16              # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimiser step
     seq_len: int = 128                # tokens per sequence
     lr: float = 3e-3                  # peak learning rate
     warmup_steps: int = 20            # linear warm-up before cosine decay
-    eval_every: int = 50              # steps between validation losses
+    eval_every: int = 200             # steps between validation losses
     target_bits_per_byte: float = 0.0 # validation bits/byte a run of this tier should reach (0 = no target)
 
 class SettingsError(ValueError):
