@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from course_lib.finetune import REPLY_TOKENS
 from course_lib.model import Decoder, ModelConfig, export_hf
 from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat, save_hf
 
@@ -22,7 +23,7 @@ def test_chat_demo_side_by_side(launch_demo, page, tmp_path):
     want = {}
     for name, folder in folders.items():
         hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-        out = hf.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=end, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        out = hf.generate(ids, max_new_tokens=REPLY_TOKENS, do_sample=False, eos_token_id=end, pad_token_id=0)[0, ids.shape[1]:].tolist()
         want[name] = "[assistant] " + tok.decode([i for i in out if i != end])
 
     url = launch_demo("chat", "--run", str(tmp_path / "run"))
