@@ -13,7 +13,8 @@ Run times are wall-clock, kernel start included, one fresh kernel per notebook; 
 # %% auto #0
 __all__ = ['TOOLS_FROM', 'SKIP_TAG', 'SETUP', 'WIDGET_VIEW', 'LIMIT_S', 'MARKERS', 'notebook_number', 'lesson_paths',
            'cell_flags', 'skip_flags', 'kernel_env', 'execute_notebook', 'machine_paths', 'redact', 'clean_outputs',
-           'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'write_timings']
+           'refresh_lessons', 'notebook_title', 'build_html', 'time_notebooks', 'timing_table', 'merge_section',
+           'write_timings']
 
 # %% ../nbs/93_lessons.ipynb #e17d1200
 import html
@@ -285,8 +286,22 @@ def timing_table(result: dict, kind: str | None = None) -> str:
              if result["noisy"] else f"quiet: load average at most {result['load_average']} on {result['cpus']} CPUs")
     return f"Measured {result['when']} ({noise}).\n\n" + "\n".join(lines) + "\n"
 
+def merge_section(old: str, result: dict, kind: str) -> str:
+    """`kind`'s timing table with this run's rows replacing or joining the old section's; a notebook not timed this time
+    keeps its row, and the heading then says which rows were re-timed when."""
+    new = timing_table(result, kind)
+    timed = {r["notebook"] for r in result["rows"] if r["kind"] == kind}
+    kept = [l for l in old.splitlines() if l.startswith("| `") and l.split("`")[1] not in timed]
+    if not kept: return new
+    heading, table = new.split("\n\n", 1)
+    lines = table.splitlines()
+    old_heading = next((l for l in old.splitlines() if l.startswith("Measured ")), "Measured earlier.").rstrip(".")
+    rows = sorted(kept + lines[2:], key=lambda l: l.split("`")[1])
+    return (f"{old_heading}; re-timed {heading.removeprefix('Measured ').rstrip('.')}: {', '.join(sorted(timed))}.\n\n"
+            + "\n".join(lines[:2] + rows) + "\n")
+
 def write_timings(result: dict, out: str | Path, benchmarks: str | Path | None = None) -> Path:
-    "Write `out`.json and `out`.md; if `benchmarks` is given, replace the section of each kind timed between its MARKERS."
+    "Write `out`.json and `out`.md; if `benchmarks` is given, merge each timed kind's rows into its section between MARKERS."
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -297,7 +312,7 @@ def write_timings(result: dict, out: str | Path, benchmarks: str | Path | None =
             first, last = MARKERS[kind]
             start, end = text.find(first), text.find(last)
             if start < 0 or end < start: raise ValueError(f"{benchmarks} has no section between {first!r} and {last!r}")
-            text = text[:start + len(first)] + "\n" + timing_table(result, kind) + text[end:]
+            text = text[:start + len(first)] + "\n" + merge_section(text[start + len(first):end], result, kind) + text[end:]
         Path(benchmarks).write_text(text)
     return out.with_suffix(".md")
 

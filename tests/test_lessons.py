@@ -124,8 +124,10 @@ def test_refresh_html_and_time_on_a_scratch_course(tmp_path):
     assert any(s.startswith("data:image/svg+xml;base64") for s in _links(site / "00_first.html").srcs)
     assert any(s.startswith("data:image/png;base64") for s in _links(site / "01_second.html").srcs)
 
-    (tmp_path / "B.md").write_text("# B\n\n<!-- camp lessons time: start -->\nold table\n<!-- camp lessons time: end -->\n"
-                                   "<!-- camp labs time: start -->\nold labs\n<!-- camp labs time: end -->\n")
+    (tmp_path / "B.md").write_text("# B\n\n<!-- camp lessons time: start -->\nMeasured 2026-01-01 00:00 UTC (quiet).\n\n"
+                                   "| notebook | kind | seconds at `cpu` | under 2 min | slowest cell |\n|---|---|---|---|---|\n"
+                                   "| `nbs/00_first.ipynb` | lesson | 99.0 | yes | old |\n| `nbs/05_other.ipynb` | lesson | 7.0 | yes | kept |\n"
+                                   "<!-- camp lessons time: end -->\n<!-- camp labs time: start -->\nold labs\n<!-- camp labs time: end -->\n")
     out = _camp("time", "00", "--out", "times", "--benchmarks", "B.md", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "times.json").read_text())
@@ -134,7 +136,10 @@ def test_refresh_html_and_time_on_a_scratch_course(tmp_path):
     assert rows["nbs/00_first.ipynb"]["seconds"] >= 0.5 and any(line == "import time" and s >= 0.5 for _, s, line in rows["nbs/00_first.ipynb"]["slowest_cells"])
     assert not (tmp_path / "runs").exists()                                                         # the lab ran in a scratch layout
     bench = (tmp_path / "B.md").read_text()
-    assert "old table" not in bench and "old labs" not in bench
+    assert "99.0" not in bench and "old labs" not in bench                                          # re-timed rows replaced
+    assert "| `nbs/05_other.ipynb` | lesson | 7.0 | yes | kept |" in bench                             # a row not timed stays
+    assert bench.index("nbs/00_first.ipynb` | lesson") < bench.index("nbs/05_other.ipynb")          # in notebook order
+    assert "Measured 2026-01-01 00:00 UTC (quiet); re-timed " in bench and ": nbs/00_first.ipynb." in bench
     assert bench.index("| `nbs/00_first.ipynb` | lesson |") < bench.index("<!-- camp labs time: start -->") < bench.index("| `labs/00_first.ipynb` | lab |")
 
 
