@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from course_lib.model import PRESETS, get_config, n_params, Decoder
+from course_lib.model import PRESETS, count_params, get_config
 from course_lib.pretrain import TrainConfig, read_log, train
 from course_lib.tokenizer import load_tokens
 
@@ -36,7 +36,7 @@ def config(name: str, seq: int, **kw) -> TrainConfig:
 
 
 def step_seconds(name: str, tokens: Path, out: Path, seq: int, n: int = 12) -> float:
-    "Seconds per optimiser step, from the steady part of a short run (its first steps warm up the allocator)."
+    "Seconds per optimiser step, the average over a short run (chapter 4's `tok_per_s` at its last step)."
     train(config(name, seq, steps=n, warmup_steps=2, eval_every=0), tokens, out, resume=False, export=lambda m, p: None)
     rates = [r for _, r in read_log(out / "log.jsonl")["tok_per_s"]]
     return 16 * seq / rates[-1]
@@ -65,16 +65,17 @@ def main(argv=None) -> dict:
     known = {k: float(v) for k, v in (kv.split("=") for kv in args.step_seconds.split(",") if kv)}
     rows = []
     for name in args.candidates.split(","):
-        params = n_params(Decoder(get_config(name, vocab_size=vocab)))
+        params = count_params(get_config(name, vocab_size=vocab))["total"]
         sec = known.get(name) or step_seconds(name, tokens, out / f"{name}-timing", args.seq)
         steps = int(fixed.get(name, 0)) or max(20, int(args.seconds / sec))
         print(f"{name}: {params:,} params, {sec:.3f} s/step -> {steps} steps", file=sys.stderr, flush=True)
         t0, log_file = time.perf_counter(), out / name / "log.jsonl"
-        finished = log_file.is_file() and read_log(log_file)["val_bpb"][-1:] and read_log(log_file)["val_bpb"][-1][0] == steps
-        if not (args.reuse and finished):
+        evals = read_log(log_file)["val_bpb"] if args.reuse and log_file.is_file() else []
+        reused = bool(evals) and evals[-1][0] == steps                  # a finished run of these steps is there
+        if not reused:
             train(config(name, args.seq, steps=steps, warmup_steps=min(20, steps // 10), eval_every=max(1, steps // 12)),
                   tokens, out / name, resume=False, tokenizer_path=folder / "tokenizer.json")
-        wall = time.perf_counter() - t0 if not (args.reuse and finished) else None
+        wall = None if reused else time.perf_counter() - t0
         log = read_log(log_file)
         curve = [(step * sec, bpb) for step, bpb in log["val_bpb"]]
         rows.append({"name": name, "params": params, "sec_per_step": sec, "steps": steps, "tokens": steps * 16 * args.seq,

@@ -4,19 +4,10 @@ import copy
 import pytest
 import torch
 
-from course_lib.model import Decoder, ModelConfig
+from course_lib.model import Decoder
 from course_lib.quant import dequantize_groupwise
 from course_lib.weights import Int4Linear, awq_scale, quantize_weights
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**(dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=96) | kw))
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Decoder(tiny()).eval()
+from test_06_inference import model, tiny   # chapter 6's tiny decoder and its fixture
 
 
 def test_int4_weights_match_dequantised_float64_model(model):
