@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from course_lib.agent_systems import agent_success, held_out_arithmetic, scripted_policy
+from course_lib.agent_systems import AGENT_REPLY_TOKENS, agent_success, held_out_arithmetic, scripted_policy
 from course_lib.agents import CourseModel, ScriptedModel
 from course_lib.core import embedded_corpus
 from course_lib.finetune import FinetuneConfig, run_finetune
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     cases = held_out_arithmetic(a.n_train, a.n_test, a.seed)   # the same held-out questions run_finetune evaluated
     backends = {"scripted (upper bound)": lambda: ScriptedModel([scripted_policy], repeat_last=True)}
     for label, folder in (("base", base), ("fine-tuned", Path(ft["paths"]["merged"]))):
-        model = CourseModel.load(folder, max_new_tokens=96)
+        model = CourseModel.load(folder, max_new_tokens=AGENT_REPLY_TOKENS)
         backends[label] = lambda model=model: model
     rows = {}
     for label, make in backends.items():
