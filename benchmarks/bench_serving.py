@@ -5,7 +5,8 @@
    inter-token latency (ITL). Requests have varied prompt (16-128 tokens) and output (16-48 tokens) lengths.
 2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
 3. Memory: the paged pool's peak use at 64 concurrent vs a contiguous cache of max_seq_len per request, and the
-   same peak in an int8 and an int4 pool (chapter 6's per-token quantised KV), counted in bytes.
+   same peak in an int8 and an int4 pool (chapter 6's per-token quantised KV) and a KIVI-4 and KIVI-2 pool (keys per
+   channel over each block; the partly filled last block of each sequence in float rows, counted at their peak), in bytes.
 
 The model is the cpu-1m shape with a 1,024-token context, untrained (speed does not depend on the weights);
 byte-level tokens, no stop tokens, so every request runs to its max_tokens.
@@ -38,10 +39,13 @@ from course_lib.tokenizer import Tokenizer
 def start_server(model, tokenizer, **engine_args):
     "Serve on a free loopback port in a thread; returns (url, engine, stop function)."
     engine = LLMEngine(model, EngineConfig(**engine_args))
-    peak = {"blocks": 0}
-    step = engine.step
+    peak = {"blocks": 0, "partial": 0}
+    step, bs = engine.step, engine.bm.block_size
     def tracked():                                                      # record the pool's peak use
-        out = step(); peak["blocks"] = max(peak["blocks"], engine.bm.num_used); return out
+        out = step(); peak["blocks"] = max(peak["blocks"], engine.bm.num_used)
+        # partly filled blocks: what a KIVI pool keeps in float rows
+        partial = {s.block_table[s.num_computed // bs] for s in engine.scheduler.running if s.num_computed % bs}
+        peak["partial"] = max(peak["partial"], len(partial)); return out
     engine.step, engine.peak = tracked, peak
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
@@ -90,7 +94,7 @@ def main():
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per load level; the median tokens/s is reported")
-    ap.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4"], help="how the KV pool stores K/V")
+    ap.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4", "kivi4", "kivi2"], help="how the KV pool stores K/V")
     args = ap.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0); rng = random.Random(0)
@@ -124,10 +128,13 @@ def main():
                 block_bytes = engine.cache.nbytes // engine.bm.num_blocks
                 paged = engine.peak["blocks"] * block_bytes
                 contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
+                # bytes of one block in each scheme (KIVI's without float rows); a KIVI row of 16 tokens is an fp block
+                block = {kv: PagedKVCache(model, 1, 16, kv).nbytes for kv in ("fp", "int8", "int4", "kivi4", "kivi2")}
+                by_scheme = {kv: engine.peak["blocks"] * b + (engine.peak["partial"] * block["fp"] if kv.startswith("kivi") else 0)
+                             for kv, b in block.items()}
                 result["memory"] = {"concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
                                     "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
-                                    "peak_bytes_by_scheme": {kv: engine.peak["blocks"] * PagedKVCache(model, 1, 16, kv).nbytes
-                                                             for kv in ("fp", "int8", "int4")}}
+                                    "peak_partial_blocks": engine.peak["partial"], "peak_bytes_by_scheme": by_scheme}
         stop()
     for c in levels:
         cb, one = result["levels"]["continuous batching"][c], result["levels"]["one at a time"][c]
@@ -167,7 +174,7 @@ def main():
                 f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
     if m:
         by = m["peak_bytes_by_scheme"]
-        print("the same peak of " + str(m["peak_blocks"]) + " blocks stored as " +
+        print(f"the same peak of {m['peak_blocks']} blocks ({m['peak_partial_blocks']} partly filled: KIVI's float rows) stored as " +
               ", ".join(f"{kv} {b / 2**20:.2f} MiB ({by['fp'] / b:.2f}x less than fp)" for kv, b in by.items()))
     # prefix caching: a shared 512-token system prompt, requests one at a time
     system = [rng.randrange(256) for _ in range(512)]

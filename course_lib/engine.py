@@ -7,9 +7,10 @@ Decisions:
 - Prefix caching hashes each *full* block chained with its predecessor's hash (a block's hash names its whole prefix); a freed block keeps its hash and content until the free list hands it out again.
 - The scheduler runs once per step: running sequences first (a decode token or the next prefill chunk), then waiting ones in arrival order, all under one token budget (chunked prefill) and a cap on sequences.
 - When blocks run out the newest running sequence is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute mode).
-- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); reading slots (`gather_slots`) and decode attention straight from the block table (a PyTorch reference and Triton kernels for float, int8 and int4 pools) live in `course_lib.paged_attention` (lesson 07a).
+- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); reading slots (`gather_slots`) and decode attention straight from the block table (a PyTorch reference and Triton kernels for float, int8/int4 and KIVI pools) live in `course_lib.paged_attention` (lesson 07a).
 - The decode pass of a float32 model without LoRA adapters runs chapter 6's `StepDecoder` (fused q/k/v and gate/up, a rope table, no module dispatch) over the same cache hook; it packs the weights once, at engine start, so an engine must be rebuilt after the model's weights change.
 - The pool stores keys and values in full precision or, as chapter 6's int8/int4 caches do, per token and head as codes with a float16 scale and zero (LMDeploy's layout): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
+- KIVI fits with the block as its group (chapter 6's residual = block_size): a block that fills is quantised in place, keys per channel over its B tokens (a float16 scale and zero per block, head and channel) and values per token; until then it is a float row, allocated as needed (a row whose block nobody holds is reclaimed first). Prefix-cached blocks are full, so always quantised; copy-on-write copies a partly filled block's row; one step's rows are planned once for all layers.
 - `n > 1` choices share their prompt: the request is prefilled once, then forked into n sequences whose block tables point at the same blocks (reference counts), and the partly filled last block is copied on the first write.
 - Every stopping rule (stop ids, stop strings, length) is checked per sequence right after it samples, so one choice of a request finishes and frees its blocks while its siblings go on; stop strings are matched on the decoded tail of the output, as long in tokens as the longest stop string is in bytes.
 - LoRA adapters are served side by side on one base model (S-LoRA's idea, unfused): each adapted linear layer adds, row by row, the update of the adapter its request named; adapters load through chapter 5's `load_adapter` (peft layout, base checked), and an adapter's name salts the prefix-cache hashes, since its keys and values differ from the base's.
@@ -230,43 +231,127 @@ class Scheduler:
 
 # %% ../nbs/07_serving.ipynb #1632a66f
 class PagedKVCache:
-    "The block pool of every layer, addressed by slot: keys and values in full precision, or int8/int4 codes with a scale and zero per token and head."
-    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_scheme: str = "fp"):
+    "The block pool of every layer, addressed by slot: keys and values in full precision, int8/int4 codes per token and head, or KIVI with the block as its group."
+    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_scheme: str = "fp",
+                 holders: list[int] | None = None):    # the block manager's reference counts: KIVI reclaims the float row of a block nobody holds
         kind, bits = _parse_scheme(kv_scheme)
-        if kind not in ("fp", "int"):
-            raise ValueError(f"the paged cache stores 'fp', 'int8' or 'int4' KV, not {kv_scheme!r}: KIVI's per-channel key "
-                             "statistics span many tokens, so they do not fit one-token slots")
         cfg, p = model.cfg, next(model.parameters())
-        slots, h, d = num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim
-        self.block_size, self.scheme, self.dtype, self.device = block_size, kv_scheme, p.dtype, p.device
-        self.bits = None if kind == "fp" else bits
-        def planes() -> tuple[torch.Tensor, ...]:
-            if self.bits is None: return (torch.zeros(cfg.n_layers, slots, h, d, dtype=p.dtype, device=p.device),)   # (L, slots, h_kv, hd)
-            return (torch.zeros(cfg.n_layers, slots, h, d * bits // 8, dtype=torch.uint8, device=p.device),          # codes (L, slots, h_kv, hd*bits/8)
-                    torch.zeros(cfg.n_layers, slots, h, dtype=torch.float16, device=p.device),                     # scale (L, slots, h_kv)
-                    torch.zeros(cfg.n_layers, slots, h, dtype=torch.float16, device=p.device))                     # zero (L, slots, h_kv)
-        self.k, self.v = planes(), planes()
+        L, h, d = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        self.block_size, self.num_slots, self.scheme, self.dtype, self.device = block_size, num_blocks * block_size, kv_scheme, p.dtype, p.device
+        self.bits, self.kivi = (None if kind == "fp" else bits), kind == "kivi"
+        if self.kivi and d % (8 // bits): raise ValueError(f"{kv_scheme} packs {8 // bits} codes a byte: head_dim {d} is not a multiple")
+        def planes(stats: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+            if self.bits is None: return (torch.zeros(L, self.num_slots, h, d, dtype=p.dtype, device=p.device),)   # (L, slots, h_kv, hd)
+            return (torch.zeros(L, self.num_slots, h, d * bits // 8, dtype=torch.uint8, device=p.device),     # codes (L, slots, h_kv, hd*bits/8)
+                    torch.zeros(L, *stats, dtype=torch.float16, device=p.device),                              # scale (L, *stats)
+                    torch.zeros(L, *stats, dtype=torch.float16, device=p.device))                              # zero (L, *stats)
+        self.k = planes((num_blocks, h, d) if self.kivi else (self.num_slots, h))   # KIVI keys: per block and channel; else per token
+        self.v = planes((self.num_slots, h))                                        # per token and head
+        # KIVI: a partly filled block lives in a float row of B tokens until it fills; rows are allocated as needed
+        self.k_recent = self.v_recent = None
+        if self.kivi:
+            self.k_recent = torch.zeros(L, 0, h, d, dtype=p.dtype, device=p.device)   # (L, rows * B, h_kv, hd)
+            self.v_recent = torch.zeros_like(self.k_recent)
+            self.row_of_block = torch.full((num_blocks,), -1, dtype=torch.long, device=p.device)   # -1: quantised (or unused)
+            self.rows: dict[int, int] = {}                              # the same map on the host: block -> row
+            self.free_rows: list[int] = []
+            self.holders = holders
 
     @property
-    def nbytes(self) -> int: return sum(plane.nbytes for plane in self.k + self.v)
+    def nbytes(self) -> int:
+        "Bytes allocated: every plane, and KIVI's float rows."
+        return sum(plane.nbytes for plane in self.k + self.v) + (self.k_recent.nbytes + self.v_recent.nbytes if self.kivi else 0)
+
+    def _row_for(self, block: int) -> int:
+        "KIVI: the float row of a block, taken from the free rows, else reclaimed from a block nobody holds, else a new one."
+        if block in self.rows: return self.rows[block]
+        if not self.free_rows and self.holders is not None:
+            for stale in [b for b in self.rows if self.holders[b] == 0]: self._drop_row(stale)
+        if not self.free_rows:                                          # grow both planes by one row of B tokens
+            self.free_rows.append(self.k_recent.shape[1] // self.block_size)
+            L, _, h, d = self.k_recent.shape
+            row = torch.zeros(L, self.block_size, h, d, dtype=self.dtype, device=self.device)
+            self.k_recent, self.v_recent = torch.cat([self.k_recent, row], 1), torch.cat([self.v_recent, row], 1)
+        self.rows[block] = row = self.free_rows.pop()
+        self.row_of_block[block] = row
+        return row
+
+    def _drop_row(self, block: int):
+        self.free_rows.append(self.rows.pop(block))
+        self.row_of_block[block] = -1
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
-        "Copy whole blocks src -> dst in every layer and plane (the copy half of copy-on-write)."
+        "Copy whole blocks src -> dst in every layer and plane (the copy half of copy-on-write); a KIVI block's float row too."
         bs = self.block_size
         for src, dst in pairs:
-            for plane in self.k + self.v: plane[:, dst * bs:(dst + 1) * bs] = plane[:, src * bs:(src + 1) * bs]
+            for plane in self.k + self.v:
+                n = bs if plane.shape[1] == self.num_slots else 1       # slots per block, or one (KIVI keys' statistics)
+                plane[:, dst * n:(dst + 1) * n] = plane[:, src * n:(src + 1) * n]
+            if not self.kivi: continue
+            if src not in self.rows:
+                if dst in self.rows: self._drop_row(dst)
+                continue
+            s, t = self.rows[src] * bs, self._row_for(dst) * bs
+            for x in (self.k_recent, self.v_recent): x[:, t:t + bs] = x[:, s:s + bs]
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        "Store new keys and values k, v (n, h_kv, hd) at `slots` (n,); quantised schemes use chapter 6's per-token quantiser."
+    def plan_write(self, slots: torch.Tensor) -> dict | None:
+        "KIVI: plan once per step (every layer writes the same `slots` (n,)) which touched blocks fill and are quantised and which stay float rows."
+        if not self.kivi: return None
+        B, ar = self.block_size, torch.arange(self.block_size)
+        flat = slots.tolist()
+        blocks = list(dict.fromkeys(s // B for s in flat))             # touched blocks, in order
+        local = {b: i for i, b in enumerate(blocks)}
+        written = set(flat)
+        fills = [b for b in blocks if b * B + B - 1 in written]         # their last slot is written: the block is full
+        stays = [b for b in blocks if b not in fills]
+        held = [(local[b], self.rows[b]) for b in blocks if b in self.rows]   # earlier tokens of a touched block, in its row
+        for b in fills:
+            if b in self.rows: self._drop_row(b)
+        # subtle: a filling block's row may pass to a new partial block at once: each layer reads rows into its scratch before writing any
+        stay_rows = [self._row_for(b) for b in stays]
+        def spread(first: list[int]) -> torch.Tensor:                  # block-sized runs: [r] -> [r*B, ..., r*B + B-1]
+            return (torch.tensor(first, dtype=torch.long)[:, None] * B + ar).reshape(-1).to(self.device)
+        return {"n_blocks": len(blocks),
+                "token_at": torch.tensor([local[s // B] * B + s % B for s in flat], dtype=torch.long, device=self.device),
+                "held_at": spread([i for i, _ in held]), "held_rows": spread([r for _, r in held]),
+                "fill": torch.tensor([local[b] for b in fills], dtype=torch.long, device=self.device),
+                "fill_blocks": torch.tensor(fills, dtype=torch.long, device=self.device), "fill_slots": spread(fills),
+                "stay": torch.tensor([local[b] for b in stays], dtype=torch.long, device=self.device), "stay_rows": spread(stay_rows)}
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict | None = None):
+        "Store new keys and values k, v (n, h_kv, hd) at `slots` (n,); int8/int4 use chapter 6's per-token quantiser, KIVI its block quantiser (`plan` from plan_write)."
+        if self.kivi:
+            if plan is None: raise ValueError("a KIVI pool writes through a plan from plan_write, made once per step for every layer")
+            return self._write_kivi(layer, k, v, plan)
         for planes, x in ((self.k, k), (self.v, v)):
             if self.bits is None: planes[0][layer, slots] = x; continue
             codes, scale, zero = quantize_asym(x, self.bits)            # (n, h_kv, hd), (n, h_kv, 1) x 2
             planes[0][layer, slots] = pack_bits(codes, self.bits)
             planes[1][layer, slots], planes[2][layer, slots] = scale[..., 0], zero[..., 0]
 
+    def _write_kivi(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: dict):
+        "Chapter 6's KIVI flush, a block at a time: a block that fills has its keys quantised per channel over its B tokens, values per token."
+        B = self.block_size
+        for x, planes, recent, key in ((k, self.k, self.k_recent, True), (v, self.v, self.v_recent, False)):
+            h, d = x.shape[1:]
+            scratch = torch.zeros(plan["n_blocks"] * B, h, d, dtype=recent.dtype, device=x.device)   # (touched blocks * B, h_kv, hd)
+            scratch[plan["held_at"]] = recent[layer, plan["held_rows"]]    # their earlier tokens
+            scratch[plan["token_at"]] = x.to(recent.dtype)                # and the new ones
+            scratch = scratch.view(-1, B, h, d)                           # (touched, B, h_kv, hd)
+            if len(plan["fill"]):
+                codes, scale, zero = quantize_asym(scratch[plan["fill"]], self.bits, dim=1 if key else -1)   # stats (f, 1, h, d) or (f, B, h, 1)
+                planes[0][layer, plan["fill_slots"]] = pack_bits(codes, self.bits).flatten(0, 1)
+                at = plan["fill_blocks"] if key else plan["fill_slots"]
+                stats = (scale[:, 0], zero[:, 0]) if key else (scale.flatten(0, 1)[..., 0], zero.flatten(0, 1)[..., 0])
+                planes[1][layer, at], planes[2][layer, at] = stats
+            recent[layer, plan["stay_rows"]] = scratch[plan["stay"]].flatten(0, 1)
+
     def layer_pools(self, layer: int) -> tuple:
-        "One layer's (keys, values) pools as the paged-attention functions take them: (slots, h_kv, hd) tensors, or (codes, scale, zero) tuples."
-        return tuple(planes[0][layer] if self.bits is None else tuple(p[layer] for p in planes) for planes in (self.k, self.v))
+        "One layer's (keys, values) pools as the paged-attention functions take them: (slots, h_kv, hd) tensors, (codes, scale, zero) tuples, or KIVI's (codes, scale, zero, rows, row_of_block)."
+        if self.bits is None: return self.k[0][layer], self.v[0][layer]
+        if not self.kivi: return tuple(p[layer] for p in self.k), tuple(p[layer] for p in self.v)
+        return tuple((*(p[layer] for p in planes), recent[layer], self.row_of_block)
+                     for planes, recent in ((self.k, self.k_recent), (self.v, self.v_recent)))
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Keys and values at `slots` (b, s) -> (b, s, h_kv, hd) each, dequantised to the model's dtype."
@@ -274,20 +359,21 @@ class PagedKVCache:
 
 class _LayerView:
     "What one layer's attention sees as its cache: `update` writes the new k, v to their slots and reads the history back."
-    def __init__(self, cache: PagedKVCache, layer: int, write_slots: torch.Tensor, read_slots: torch.Tensor):
-        self.cache, self.layer, self.write_slots, self.read_slots = cache, layer, write_slots, read_slots
+    def __init__(self, cache: PagedKVCache, layer: int, write_slots: torch.Tensor, read_slots: torch.Tensor, plan: dict | None = None):
+        self.cache, self.layer, self.write_slots, self.read_slots, self.plan = cache, layer, write_slots, read_slots, plan
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "k, v (b, h_kv, t, hd) of the new tokens -> all keys and values of each sequence (b, h_kv, s, hd), left-padded."
         real = self.write_slots >= 0                                    # (b, t): False on left padding
-        self.cache.write(self.layer, self.write_slots[real], k.transpose(1, 2)[real], v.transpose(1, 2)[real])   # (n_new, h_kv, hd)
+        self.cache.write(self.layer, self.write_slots[real], k.transpose(1, 2)[real], v.transpose(1, 2)[real], self.plan)   # (n_new, h_kv, hd)
         keys, values = self.cache.read(self.layer, self.read_slots)     # (b, s, h_kv, hd) each
         return keys.transpose(1, 2), values.transpose(1, 2)             # (b, h_kv, s, hd)
 
 class PagedBatch:
-    "The per-step cache object handed to `Decoder.forward`: one `_LayerView` per layer."
+    "The per-step cache object handed to `Decoder.forward`: one `_LayerView` per layer (KIVI's write planned once for all of them)."
     def __init__(self, cache: PagedKVCache, n_layers: int, write_slots: torch.Tensor, read_slots: torch.Tensor):
-        self.layers = [_LayerView(cache, i, write_slots, read_slots) for i in range(n_layers)]
+        plan = cache.plan_write(write_slots[write_slots >= 0])
+        self.layers = [_LayerView(cache, i, write_slots, read_slots, plan) for i in range(n_layers)]
         self.seq_len = read_slots.shape[1] - write_slots.shape[1]      # unused: positions are passed explicitly
 
 # %% ../nbs/07_serving.ipynb #bebb5fe6
@@ -308,7 +394,7 @@ class EngineConfig:
     max_num_seqs: int = 16                 # sequences in one step at most
     max_num_batched_tokens: int = 256      # tokens in one step at most (prefill chunks + decodes)
     enable_prefix_caching: bool = True     # reuse cached full blocks of shared prefixes
-    kv_scheme: str = "fp"                  # how the pool stores K/V: 'fp' (the model's dtype), 'int8' or 'int4'
+    kv_scheme: str = "fp"                  # how the pool stores K/V: 'fp' (the model's dtype), 'int8', 'int4', 'kivi4' or 'kivi2'
 
 class LLMEngine:
     "Continuous batching over a paged KV cache: add requests any time, call `step()`, read tokens as they come."
@@ -324,7 +410,7 @@ class LLMEngine:
         self.step_decoder = StepDecoder(model) if StepDecoder.supports(model) else None
         self.bm = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, c.max_num_seqs, c.max_num_batched_tokens)
-        self.cache = PagedKVCache(model, c.num_blocks, c.block_size, c.kv_scheme)
+        self.cache = PagedKVCache(model, c.num_blocks, c.block_size, c.kv_scheme, self.bm.ref_counts)
         self.seqs: dict[int, Sequence] = {}                             # live sequences by seq_id (every choice of every request)
         self._ids = count()
         self.max_model_len = model.cfg.max_seq_len

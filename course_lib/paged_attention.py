@@ -1,12 +1,13 @@
-"""Decode attention that reads keys and values in place through block tables: a PyTorch reference and Triton kernels for float, int8 and int4 pools.
+"""Decode attention that reads keys and values in place through block tables: a PyTorch reference and Triton kernels for float, int8/int4 and KIVI pools.
 
 Decisions:
 
 - A token's *slot* is `table[pos // B] * B + pos % B`: a layer's pool is `(num_blocks * B, h_kv, hd)` and a block table maps a sequence's logical blocks to physical ones.
-- `gather_slots` is the one read of a pool, shared with the engine's cache (`course_lib.engine.PagedKVCache.read`): `index_select` on the flattened slots (several times faster than advanced indexing on a CPU), and a quantised pool (codes, scale, zero) dequantised with chapter 6's quantiser.
+- `gather_slots` is the one read of a pool, shared with the engine's cache (`course_lib.engine.PagedKVCache.read`): `index_select` on the flattened slots (several times faster than advanced indexing on a CPU), and a quantised pool (codes, scale, zero) dequantised with chapter 6's quantiser; a KIVI pool adds its float rows and the map from block to row, `(codes, scale, zero, rows, row_of_block)`, with the keys' scale and zero per block and channel.
 - The PyTorch reference gathers each sequence's history and runs plain softmax attention in float32: the readable version, and what the kernels are tested against.
 - The Triton kernels run one program per (sequence, head) and walk the sequence's blocks with an online softmax (running max, denominator and weighted sum), so no copy of the history is made; a grouped-query head reads KV head `head // (N_HEADS // N_KV)`.
 - The int8/int4 kernel loads a block's packed bytes with their per-token float16 scale and zero and dequantises in registers (chapter 6's split-halves packing: in int4, byte `j` holds dimension `j` in its low bits and `j + hd/2` in its high bits).
+- The KIVI kernel loads, per block, one entry of `row_of_block`: a quantised block's keys come from codes with the block's per-channel scale and zero (hd values, loaded once a block), values with per-token ones; a partly filled block's from its float row. Dimension `d` sits in byte `d % (hd*bits/8)` at bit `bits * (d // (hd*bits/8))`, which covers KIVI-4 and KIVI-2 alike.
 - Block tables are padded with block 0 to one width; a program never reads past its sequence's length, so the padding is never loaded.
 - Kernels compile at first use (chapter 6's `_jit`), so the module imports without Triton; it knows nothing of the engine (`course_lib.engine` imports it, never the reverse)."""
 
@@ -29,17 +30,28 @@ def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -
     return table[positions // block_size] * block_size + positions % block_size
 
 def gather_slots(pool: torch.Tensor | tuple, slots: torch.Tensor, bits: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "One layer's keys or values at `slots` (any shape) -> (*slots.shape, h_kv, hd): a float pool indexed, or a (codes, scale, zero) pool dequantised."
+    "One layer's keys or values at `slots` (any shape) -> (*slots.shape, h_kv, hd): a float pool indexed, a quantised pool dequantised (KIVI's float rows taken where they hold a slot)."
     # subtle: index_select on the flattened slots is several times faster than advanced indexing pool[slots] on a CPU
-    def take(plane: torch.Tensor) -> torch.Tensor: return plane.index_select(0, slots.reshape(-1)).view(*slots.shape, *plane.shape[1:])
+    def take(plane: torch.Tensor, index: torch.Tensor = slots) -> torch.Tensor:
+        return plane.index_select(0, index.reshape(-1)).view(*index.shape, *plane.shape[1:])
     if bits is None: return take(pool)
-    codes, scale, zero = pool                                           # (slots, h_kv, hd*bits/8) uint8, (slots, h_kv) fp16 x 2
-    return dequantize_asym(unpack_bits(take(codes), bits), take(scale)[..., None], take(zero)[..., None], dtype)
+    codes, scale, zero, *recent = pool                                  # codes (slots, h_kv, hd*bits/8) uint8; KIVI adds 2 planes
+    per_token = scale.dim() == 2                                        # scale, zero (slots, h_kv) fp16; KIVI keys: (blocks, h_kv, hd)
+    at = slots if per_token else slots // (codes.shape[0] // scale.shape[0])   # a token's statistics, or its block's per channel
+    s, z = take(scale, at), take(zero, at)
+    if per_token: s, z = s[..., None], z[..., None]
+    x = dequantize_asym(unpack_bits(take(codes), bits), s, z, dtype)   # (*slots.shape, h_kv, hd)
+    if recent and recent[0].shape[0]:                                   # KIVI: a partly filled block is a float row
+        rows, row_of_block = recent                                     # (n_rows * B, h_kv, hd), (blocks,) its row or -1
+        B = codes.shape[0] // row_of_block.shape[0]
+        row = take(row_of_block, slots // B)                            # (*slots.shape,)
+        x = torch.where((row >= 0)[..., None, None], take(rows, row.clamp_min(0) * B + slots % B).to(dtype), x)
+    return x
 
 # %% ../nbs/07a_paged_attention.ipynb #0ba3c8c9
 def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor | tuple, v_pool: torch.Tensor | tuple, block_tables: list[list[int]],
                               context_lens: list[int], block_size: int, bits: int | None = None) -> torch.Tensor:
-    "Decode attention read through block tables: q (b, h, hd), pools (slots, h_kv, hd), or with `bits` (codes, scale, zero) -> (b, h, hd); the readable version."
+    "Decode attention read through block tables: q (b, h, hd), pools (slots, h_kv, hd), or with `bits` (codes, scale, zero) or KIVI's 5-tuples -> (b, h, hd); the readable version."
     out = torch.empty_like(q)                                           # (b, h, hd)
     n_rep = q.shape[1] // (k_pool if bits is None else k_pool[1]).shape[1]
     for r, (table, length) in enumerate(zip(block_tables, context_lens)):
@@ -117,12 +129,59 @@ def _paged_attention_quant_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
     tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc0 / denom)
     if BITS == 4: tl.store(out_ptr + (seq * N_HEADS + head) * HD + P + d, acc1 / denom)
 
+def _paged_attention_kivi_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, kr_ptr, vc_ptr, vs_ptr, vz_ptr, vr_ptr, rows_ptr, tables_ptr, lens_ptr,
+                                 out_ptr, scale, max_blocks, N_HEADS: constexpr, N_KV: constexpr, BLOCK: constexpr, HD: constexpr,
+                                 BITS: constexpr):
+    "The walk over a KIVI pool: a full block's keys dequantised with its per-channel scale and zero, values per token; a partly filled block read from its float row."
+    seq, head = tl.program_id(0), tl.program_id(1)
+    kv_head = head // (N_HEADS // N_KV)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    P: tl.constexpr = HD * BITS // 8                                # bytes per row of codes
+    d = tl.arange(0, HD)
+    byte, shift = d % P, (d // P) * BITS                            # dim d sits in byte d % P at bit (d // P) * BITS (chapter 6's packing)
+    offs = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + (seq * N_HEADS + head) * HD + d).to(tl.float32)                # (HD,)
+    length = tl.load(lens_ptr + seq)
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+    denom = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    acc = tl.zeros([HD], tl.float32)
+    for j in range(0, tl.cdiv(length, BLOCK)):
+        block = tl.load(tables_ptr + seq * max_blocks + j)
+        row = tl.load(rows_ptr + block)                             # its float row while partly filled, else -1
+        live = j * BLOCK + offs < length                            # (BLOCK,)
+        partial = tl.zeros([BLOCK], tl.int32) + (row >= 0).to(tl.int32)   # (BLOCK,) 1 while the block is a float row
+        coded, fresh = live & (partial == 0), live & (partial == 1)
+        slot = ((block * BLOCK + offs) * N_KV + kv_head)            # (BLOCK,) this head's row of each slot
+        recent = ((tl.maximum(row, 0) * BLOCK + offs) * N_KV + kv_head)
+        # keys: codes with the block's per-channel scale and zero (HD,), or the float row
+        stats = tl.zeros([HD], tl.int32) + (row < 0).to(tl.int32) == 1   # (HD,) load the statistics of a quantised block only
+        kb = tl.load(kc_ptr + slot[:, None] * P + byte[None, :], mask=coded[:, None], other=0).to(tl.int32)   # (BLOCK, HD)
+        ks = tl.load(ks_ptr + (block * N_KV + kv_head) * HD + d, mask=stats, other=0.0).to(tl.float32)
+        kz = tl.load(kz_ptr + (block * N_KV + kv_head) * HD + d, mask=stats, other=0.0).to(tl.float32)
+        k = ((kb >> shift[None, :]) & MASK).to(tl.float32) * ks[None, :] + kz[None, :]
+        k = tl.where(fresh[:, None], tl.load(kr_ptr + recent[:, None] * HD + d[None, :], mask=fresh[:, None], other=0.0).to(tl.float32), k)
+        scores = tl.where(live, tl.sum(k * q[None, :], 1) * scale, float("-inf"))       # (BLOCK,)
+        m_new = tl.maximum(m, tl.max(scores, 0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m - m_new)
+        denom = denom * alpha + tl.sum(p, 0)
+        # values: codes with a per-token scale and zero, or the float row
+        vb = tl.load(vc_ptr + slot[:, None] * P + byte[None, :], mask=coded[:, None], other=0).to(tl.int32)
+        vs = tl.load(vs_ptr + slot, mask=coded, other=0.0).to(tl.float32)[:, None]       # (BLOCK, 1)
+        vz = tl.load(vz_ptr + slot, mask=coded, other=0.0).to(tl.float32)[:, None]
+        v = ((vb >> shift[None, :]) & MASK).to(tl.float32) * vs + vz
+        v = tl.where(fresh[:, None], tl.load(vr_ptr + recent[:, None] * HD + d[None, :], mask=fresh[:, None], other=0.0).to(tl.float32), v)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)               # (HD,)
+        m = m_new
+    tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc / denom)
+
 def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor | tuple, v_pool: torch.Tensor | tuple, block_tables: list[list[int]],
                            context_lens: list[int], block_size: int, bits: int | None = None) -> torch.Tensor:
     "The same through a Triton kernel (GPU, or CPU with TRITON_INTERPRET=1 set before Triton is imported); head_dim and block_size powers of two."
     if not triton_available(q.device):
         raise RuntimeError("Triton cannot run here: it needs a CUDA device, or TRITON_INTERPRET=1 on CPU (pip install 'llm-camp[kernels]')")
-    if bits not in (None, 4, 8): raise ValueError(f"paged attention reads float, int8 or int4 pools, not {bits}-bit codes")
+    kivi = bits is not None and len(k_pool) == 5                        # (codes, scale, zero, rows, row_of_block)
+    if bits not in ((2, 4) if kivi else (None, 4, 8)): raise ValueError(f"paged attention reads float, int8, int4 or KIVI-4/2 pools, not {bits}-bit codes")
     b, h, hd = q.shape
     width = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=q.device)   # (b, width)
@@ -131,6 +190,10 @@ def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor | tuple, v_pool
     if bits is None:
         _jit(_paged_attention_kernel)[(b, h)](q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), tables, lens, out,
                                         1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool.shape[1], BLOCK=block_size, HD=hd)
+    elif kivi:
+        _jit(_paged_attention_kivi_kernel)[(b, h)](q.contiguous(), *[t.contiguous() for t in (*k_pool[:4], *v_pool[:4], k_pool[4])], tables, lens,
+                                             out, 1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool[1].shape[1], BLOCK=block_size,
+                                             HD=hd, BITS=bits)
     else:
         _jit(_paged_attention_quant_kernel)[(b, h)](q.contiguous(), *[t.contiguous() for t in (*k_pool, *v_pool)], tables, lens, out,
                                               1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool[1].shape[1], BLOCK=block_size,

@@ -118,6 +118,58 @@ def test_triton_paged_attention_matches_reference_under_interpreter():
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
+KIVI_KERNEL_CHECK = """
+import torch
+from course_lib.paged_attention import paged_attention_reference, paged_attention_triton
+from course_lib.kernels import quantize_asym, pack_bits
+
+def kivi_pools(k, v, bits, B, partial):
+    # a KIVI layer from float k, v (slots, h_kv, hd): keys per channel over each block, values per token; blocks in partial {block: row} as float rows
+    n, h, d = k.shape
+    kc, ks, kz = quantize_asym(k.view(n // B, B, h, d), bits, dim=1)             # stats (blocks, 1, h, d)
+    vc, vs, vz = quantize_asym(v, bits)                                           # stats (slots, h, 1)
+    k_hat = (kc.double() * ks.double() + kz.double()).view(n, h, d)              # what attention should see, by hand
+    v_hat = vc.double() * vs.double() + vz.double()
+    row_of_block = torch.full((n // B,), -1, dtype=torch.long)
+    rows_k, rows_v = torch.full((len(partial) * B, h, d), float('nan')), torch.full((len(partial) * B, h, d), float('nan'))
+    for block, row in partial.items():
+        row_of_block[block] = row
+        rows_k[row * B:(row + 1) * B], rows_v[row * B:(row + 1) * B] = k[block * B:(block + 1) * B], v[block * B:(block + 1) * B]
+        k_hat[block * B:(block + 1) * B], v_hat[block * B:(block + 1) * B] = k[block * B:(block + 1) * B], v[block * B:(block + 1) * B]
+        ks[block], kz[block] = float('nan'), float('nan')                        # poison: a float row's block statistics are never read
+    return ((pack_bits(kc, bits).view(n, h, -1), ks[:, 0], kz[:, 0], rows_k, row_of_block),
+            (pack_bits(vc, bits), vs[..., 0], vz[..., 0], rows_v, row_of_block), k_hat, v_hat)
+
+torch.manual_seed(0)
+for B, h_kv, n_heads, hd, tables, lens in [(8, 2, 4, 16, [[5, 1, 7], [0], [2, 3, 4, 6]], [20, 3, 29]),   # odd lengths
+                                            (2, 1, 3, 8, [[3], [1, 0, 2]], [1, 5])]:                        # tiny blocks, 3 heads on 1
+    nb = max(max(t) for t in tables) + 1
+    k, v, q = torch.randn(nb * B, h_kv, hd), torch.randn(nb * B, h_kv, hd), torch.randn(len(tables), n_heads, hd)
+    partial = {}
+    for t, n in zip(tables, lens):
+        if n % B: partial[t[n // B]] = len(partial)                               # each sequence's partly filled last block
+    for bits in (4, 2):
+        kp, vp, k_hat, v_hat = kivi_pools(k, v, bits, B, partial)
+        for t, n in zip(tables, lens):                                            # poison: float-row slots past the length
+            if n % B:
+                r = partial[t[n // B]]; kp[3][r * B + n % B:(r + 1) * B] = float('nan'); vp[3][r * B + n % B:(r + 1) * B] = float('nan')
+        ref = paged_attention_reference(q, kp, vp, tables, lens, B, bits)
+        for r, (t, n) in enumerate(zip(tables, lens)):                            # dense float64 attention on the hand-dequantised keys
+            slots = torch.tensor([t[i // B] * B + i % B for i in range(n)])
+            kk, vv = k_hat[slots].repeat_interleave(n_heads // h_kv, 1), v_hat[slots].repeat_interleave(n_heads // h_kv, 1)   # (n, h, hd)
+            w = (torch.einsum('hd,nhd->hn', q[r].double(), kk) / hd ** 0.5).softmax(-1)
+            assert (torch.einsum('hn,nhd->hd', w, vv) - ref[r]).abs().max() < 1e-5
+        d = (paged_attention_triton(q, kp, vp, tables, lens, B, bits) - ref).abs().max()
+        assert d < 1e-5, (B, bits, d)
+print('ok')
+"""
+
+def test_triton_paged_attention_reads_kivi_pools_under_interpreter():
+    "KIVI pools (per-channel key statistics per block, float rows for partly filled blocks, poisoned where never read): reference vs dense float64 on hand-dequantised keys, Triton vs reference."
+    out = subprocess.run([sys.executable, "-c", KIVI_KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
 # --- quantised KV in the pool (chapter 6's int8/int4 schemes) ---
 
 def _prompts(seed: int, n: int = 5) -> list[list[int]]:
@@ -148,8 +200,69 @@ def test_int8_paged_kv_stays_close_to_the_float_path():
     assert err["int8"] < 0.02 and err["int8"] < err["int4"], err
     assert torch.equal(logits["int8"].argmax(-1), logits["fp"].argmax(-1))
 
-def test_paged_cache_refuses_kivi_by_name():
-    with pytest.raises(ValueError, match="KIVI"): LLMEngine(MODEL, num_blocks=4, block_size=4, kv_scheme="kivi2")
+# --- KIVI in the pool: the block is KIVI's group (residual = block_size) ---
+
+@pytest.mark.parametrize("kv", ["kivi4", "kivi2"])
+def test_kivi_paged_kv_equals_chapter6_kivi_cache(kv):
+    "Greedy through a KIVI pool (prefix-cache hits, n = 2 forks) equals chapter 6's contiguous KIVICache with residual = block_size."
+    from course_lib.inference import generate as generate6, kv_bytes_per_token
+    prompts = _prompts(1)
+    prompts += [prompts[0] + [3, 4, 5]]                               # reuses the first prompt's cached (quantised) blocks
+    want = [generate6(MODEL, p, 8, greedy=True, kv=kv, residual=4) for p in prompts]
+    # the comparison tells the schemes apart: int4, or KIVI over groups of 8, give other tokens
+    assert want != [generate6(MODEL, p, 8, greedy=True, kv="int4") for p in prompts]
+    assert want != [generate6(MODEL, p, 8, greedy=True, kv=kv, residual=8) for p in prompts]
+    # budget 64 > every prompt: prefill is not chunked (a chunk that ends inside a block: see the test below)
+    engine = LLMEngine(MODEL, num_blocks=40, block_size=4, max_num_batched_tokens=64, kv_scheme=kv)
+    got = engine.generate(prompts[:-1], SamplingParams(max_tokens=8)) + engine.generate(prompts[-1:], SamplingParams(max_tokens=8))
+    assert got == want
+    assert engine.metrics()["cached_prompt_tokens"] > 0 and engine.bm.num_used == 0
+    forked = engine.generate(prompts[1:4], SamplingParams(max_tokens=8, n=2))   # the partly filled block is copied on write
+    assert forked == [[w, w] for w in want[1:4]] and engine.metrics()["preemptions"] == 0 and engine.bm.num_used == 0
+    rows = engine.cache.k_recent.shape[1] // 4                         # float rows allocated: one per partly filled block at the peak
+    assert engine.cache.nbytes == kv_bytes_per_token(MODEL.cfg, kv, torch.float64, residual=4) * 40 * 4 + rows * 2 * (2 * 4 * 2 * 8 * 8)
+
+def test_kivi_float_rows_follow_partly_filled_blocks():
+    "Hand-worked (B = 4): prompts of 5, 6 and 8 tokens leave 2 partly filled blocks, a decode step 3 (the 8-token one starts a block); freed rows are reused."
+    engine = LLMEngine(MODEL, num_blocks=16, block_size=4, max_num_batched_tokens=64, kv_scheme="kivi4")
+    for n in (5, 6, 8): engine.add_request(list(range(n)), SamplingParams(max_tokens=4))
+    rows = []
+    for _ in range(3):
+        engine.step(); rows.append(len([b for b in engine.cache.rows if engine.bm.ref_counts[b] > 0]))
+    assert rows == [2, 3, 2]                                           # step 3: the 6-token prompt's block fills at its 8th token
+    row_bytes = 2 * 2 * 4 * 2 * 8 * 8                                  # K and V x layers x B x h_kv x hd x float64
+    assert engine.cache.nbytes == 16 * 4 * 80 + 3 * row_bytes          # 80 bytes a token: 2 layers x (2*2*8/2 codes + 2*4 value stats + 2*8*4/4 key stats)
+    while engine.has_unfinished(): engine.step()
+    engine.generate([[1, 2]], SamplingParams(max_tokens=2))
+    assert engine.cache.k_recent.shape[1] == 3 * 4 and engine.bm.num_used == 0   # rows of freed blocks reclaimed, none added
+
+def test_kivi_chunked_prefill_moves_logits_by_less_than_kivi_error():
+    """Why not exact: chapter 6's KIVI prefill sees a prompt's full blocks quantised from its first query on; a chunk that
+    ends inside a block sees that block's keys in float until a later chunk fills it. Bound: the shift in the first token's
+    logits is under half the scheme's own error against the float pool (summed over prompts)."""
+    def first_logits(prompt, kv, budget):
+        engine = LLMEngine(MODEL, num_blocks=40, block_size=4, max_num_batched_tokens=budget, kv_scheme=kv)
+        engine.add_request(prompt)
+        while True:
+            batch = engine.scheduler.schedule(); logits = engine._forward(batch)
+            for seq, n in batch: seq.num_computed += n
+            if batch[0][0].num_computed == len(prompt): return logits[0]
+    for kv in ("kivi4", "kivi2"):
+        shift = error = 0.0
+        for prompt in _prompts(5, 4):
+            prompt = prompt + list(range(10))                           # long enough for several chunks
+            whole, chunked, fp = first_logits(prompt, kv, 64), first_logits(prompt, kv, 3), first_logits(prompt, "fp", 64)
+            assert not torch.equal(chunked, whole)                      # chunks of 3 end inside blocks of 4
+            shift += float((chunked - whole).abs().max()); error += float((whole - fp).abs().max())
+        assert shift < 0.5 * error, (kv, shift, error)
+
+def test_kivi_preemption_recomputes_without_leaks():
+    "A pool small enough to preempt forked KIVI choices: every choice completes, every block and float row comes back."
+    engine = LLMEngine(MODEL, num_blocks=14, block_size=4, max_num_seqs=8, kv_scheme="kivi2")
+    got = engine.generate(_prompts(3, 3), SamplingParams(max_tokens=10, n=2))
+    assert [[len(c) for c in r] for r in got] == [[10, 10]] * 3
+    assert engine.metrics()["preemptions"] > 0 and engine.bm.num_used == 0
+    assert all(engine.bm.ref_counts[b] == 0 for b in engine.cache.rows)   # what rows remain belong to free blocks: reclaimable
 
 # --- n > 1 choices: one prefill, blocks shared by fork, copy-on-write ---
 
