@@ -222,6 +222,26 @@ def test_kivi_paged_kv_equals_chapter6_kivi_cache(kv):
     rows = engine.cache.k_recent.shape[1] // 4                         # float rows allocated: one per partly filled block at the peak
     assert engine.cache.nbytes == kv_bytes_per_token(MODEL.cfg, kv, torch.float64, residual=4) * 40 * 4 + rows * 2 * (2 * 4 * 2 * 8 * 8)
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kivi_greedy_equal_under_random_arrivals(seed):
+    "Requests (some sharing a prefix) arrive at random steps into a KIVI-2 pool; each gets chapter 6's KIVI answer, and every block comes back."
+    from course_lib.inference import generate as generate6
+    rng = random.Random(seed)
+    shared = list(range(9))                                             # a cached prefix: two full blocks of 4
+    trace = sorted((rng.randrange(8), rng.choice([[], shared]) + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))],
+                    rng.randrange(1, 8)) for _ in range(6))
+    engine = LLMEngine(MODEL, num_blocks=48, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, kv_scheme="kivi2")
+    ids, got, step = {}, {}, 0
+    while trace or engine.has_unfinished():
+        while trace and trace[0][0] <= step:
+            _, prompt, n = trace.pop(0)
+            ids[engine.add_request(prompt, SamplingParams(max_tokens=n))] = (prompt, n)
+        for out in engine.step(): got.setdefault(out.seq_id, []).append(out.token)
+        step += 1
+    assert {i: got[i] for i in ids} == {i: generate6(MODEL, p, n, greedy=True, kv="kivi2", residual=4) for i, (p, n) in ids.items()}
+    assert engine.bm.num_free == 48 and engine.metrics()["preemptions"] == 0
+    assert engine.stats["cached_prompt_tokens"] > 0                    # the shared prefix was served from the cache
+
 def test_kivi_float_rows_follow_partly_filled_blocks():
     "Hand-worked (B = 4): prompts of 5, 6 and 8 tokens leave 2 partly filled blocks, a decode step 3 (the 8-token one starts a block); freed rows are reused."
     engine = LLMEngine(MODEL, num_blocks=16, block_size=4, max_num_batched_tokens=64, kv_scheme="kivi4")
