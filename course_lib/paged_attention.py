@@ -45,7 +45,8 @@ def gather_slots(pool: torch.Tensor | tuple, slots: torch.Tensor, bits: int | No
         rows, row_of_block = recent                                     # (n_rows * B, h_kv, hd), (blocks,) its row or -1
         B = codes.shape[0] // row_of_block.shape[0]
         row = take(row_of_block, slots // B)                            # (*slots.shape,)
-        x = torch.where((row >= 0)[..., None, None], take(rows, row.clamp_min(0) * B + slots % B).to(dtype), x)
+        fresh = row >= 0                                                # the few slots in float rows: fetch only those
+        x[fresh] = rows.index_select(0, row[fresh] * B + slots[fresh] % B).to(dtype)
     return x
 
 # %% ../nbs/07a_paged_attention.ipynb #0ba3c8c9
