@@ -235,6 +235,7 @@ class PagedKVCache:
     def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_scheme: str = "fp",
                  holders: list[int] | None = None):    # the block manager's reference counts: KIVI reclaims the float row of a block nobody holds
         kind, bits = _parse_scheme(kv_scheme)
+        if kind not in ("fp", "int", "kivi"): raise ValueError(f"the paged cache stores 'fp', 'int8', 'int4', 'kivi4' or 'kivi2' KV, not {kv_scheme!r}")
         cfg, p = model.cfg, next(model.parameters())
         L, h, d = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
         self.block_size, self.num_slots, self.scheme, self.dtype, self.device = block_size, num_blocks * block_size, kv_scheme, p.dtype, p.device

@@ -202,6 +202,11 @@ def test_int8_paged_kv_stays_close_to_the_float_path():
 
 # --- KIVI in the pool: the block is KIVI's group (residual = block_size) ---
 
+def test_paged_cache_refuses_schemes_it_does_not_store():
+    "A KV scheme the pool has no layout for is refused by name, never stored as another scheme's codes."
+    for kv in ("zp4", "mx8", "int3"):
+        with pytest.raises(ValueError, match=f"'{kv}'"): LLMEngine(MODEL, num_blocks=4, block_size=4, kv_scheme=kv)
+
 @pytest.mark.parametrize("kv", ["kivi4", "kivi2"])
 def test_kivi_paged_kv_equals_chapter6_kivi_cache(kv):
     "Greedy through a KIVI pool (prefix-cache hits, n = 2 forks) equals chapter 6's contiguous KIVICache with residual = block_size."
