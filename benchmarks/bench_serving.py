@@ -62,6 +62,12 @@ def start_server(model, tokenizer, **engine_args):
     return url, engine, stop
 
 
+def peak_bytes_by_scheme(model, peak: dict) -> dict:
+    "The peak's blocks (of 16 tokens) stored in each scheme, counted; KIVI adds a float row, an fp block's bytes, per partly filled block."
+    block = {kv: PagedKVCache(model, 1, 16, kv).nbytes for kv in ("fp", "int8", "int4", "kivi4", "kivi2")}
+    return {kv: peak["blocks"] * b + (peak["partial"] * block["fp"] if kv.startswith("kivi") else 0) for kv, b in block.items()}
+
+
 async def one_request(client, url, prompt, max_tokens):
     "Stream one completion; (TTFT, inter-token gaps)."
     start = time.perf_counter(); times = []
@@ -128,13 +134,9 @@ def main():
                 block_bytes = engine.cache.nbytes // engine.bm.num_blocks
                 paged = engine.peak["blocks"] * block_bytes
                 contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
-                # bytes of one block in each scheme (KIVI's without float rows); a KIVI row of 16 tokens is an fp block
-                block = {kv: PagedKVCache(model, 1, 16, kv).nbytes for kv in ("fp", "int8", "int4", "kivi4", "kivi2")}
-                by_scheme = {kv: engine.peak["blocks"] * b + (engine.peak["partial"] * block["fp"] if kv.startswith("kivi") else 0)
-                             for kv, b in block.items()}
                 result["memory"] = {"concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
                                     "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
-                                    "peak_partial_blocks": engine.peak["partial"], "peak_bytes_by_scheme": by_scheme}
+                                    "peak_partial_blocks": engine.peak["partial"], "peak_bytes_by_scheme": peak_bytes_by_scheme(model, engine.peak)}
         stop()
     for c in levels:
         cb, one = result["levels"]["continuous batching"][c], result["levels"]["one at a time"][c]
