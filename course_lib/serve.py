@@ -5,7 +5,7 @@ Decisions:
 - FastAPI + uvicorn; request bodies are pydantic models, so wrong types are rejected before they reach the engine.
 - Every error is a 4xx in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so official clients raise the right exception.
 - The engine runs on its own thread; handlers hand it requests through a queue and read tokens from an asyncio queue; a client that goes away cancels its request, which frees its blocks.
-- Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally (only the ids since the last whole character are decoded), holding back an incomplete UTF-8 character.
+- Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally by Python's incremental UTF-8 decoder: an incomplete character is held back, a byte that can never be part of one is sent at once as U+FFFD.
 - A streaming handler that falls behind the engine sends every token that arrived since its last event in one event (vLLM's output collector merges them the same way), so at high load the server sends fewer, larger events instead of queueing one per token.
 - Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model (with the request's adapter) over prompt + completion, in `completion_logprobs`, run on the engine's thread between steps; offsets index the returned text.
 - Chat prompts use chapter 2's ChatML template; generation stops at `<|im_end|>` (and the checkpoint's eos).
@@ -25,6 +25,7 @@ __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'p
 
 # %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
+import codecs
 import contextlib
 import json
 import queue
@@ -275,24 +276,20 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 # %% ../nbs/07b_server.ipynb #87ccb186
 class Detokenizer:
-    "Incremental detokenisation: the text each new token adds, holding back an incomplete UTF-8 character."
+    "Incremental detokenisation: the text each new token adds, holding back only an incomplete UTF-8 character."
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.pending = tokenizer, []                    # ids whose text is not sent yet
+        self.tokenizer = tokenizer
+        # Python's incremental UTF-8 decoder keeps the bytes of a character that may still be completed and replaces bytes
+        # that never can be (a stray continuation byte, 0xff) with U+FFFD at once, exactly as decoding everything would
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token: int) -> str:
-        "The text `token` completes: '' while a character is unfinished, then all of it at once."
-        self.pending.append(token)
-        # subtle: the text sent so far ends on a whole character, so decoding only the ids since then gives the same text as
-        # decoding everything (UTF-8 resynchronises there); each token costs O(1), not O(tokens so far)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd"): return ""                           # subtle: wait for the rest of the character
-        self.pending = []
-        return text
+        "The text `token` completes: '' while a character is unfinished, then all of it at once; O(1) per token."
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
 
     def flush(self) -> str:
-        "Whatever is held back, at the end of the sequence."
-        text, self.pending = self.tokenizer.decode(self.pending), []
-        return text
+        "Whatever is held back, at the end of the sequence (U+FFFD for a cut character)."
+        return self.utf8.decode(b"", final=True)
 
 def _stop_ids(tokenizer: Tokenizer, eos_ids: list[int]) -> tuple[int, ...]:
     "Ids that end generation: the checkpoint's eos and the tokenizer's <|im_end|> / <|endoftext|>."

@@ -101,7 +101,7 @@ _byte_ids = st.lists(st.one_of(st.text(max_size=4).map(lambda t: list(t.encode()
 @settings(max_examples=300, deadline=None)
 @given(_byte_ids)
 def test_detokenizer_pieces_join_to_the_whole_decode(ids):
-    "Sent piece by piece (only the ids since the last whole character decoded), the text equals Python's decode of all the bytes."
+    "Sent piece by piece, the text equals decoding all the bytes at once (Python's codec, errors replaced)."
     detok = Detokenizer(Tokenizer({i: bytes([i]) for i in range(256)}, []))
     pieces = [detok.add(t) for t in ids]
     assert "".join(pieces) + detok.flush() == bytes(ids).decode("utf-8", errors="replace")
