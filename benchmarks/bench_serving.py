@@ -1,17 +1,22 @@
 """Chapter 7 benchmark: the paged engine behind the OpenAI-compatible server, over HTTP on loopback.
 
 1. Continuous batching vs one request at a time (the same server with max_num_seqs=1) at 1, 4, 16 and 64
-   concurrent streaming clients: generated tokens/s and percentiles of time to first token (TTFT) and
-   inter-token latency (ITL). Requests have varied prompt (16-128 tokens) and output (16-48 tokens) lengths.
+   concurrent streaming clients: generated tokens/s and percentiles of time to first token (TTFT) and of the gap
+   between SSE events (ITL; a client that falls behind gets several tokens per event, so tokens/event is printed too).
+   Two request mixes, the same requests for both modes: "short" (prompts 16-128 tokens, outputs 16-48: prompts
+   dominate) and "chat" (prompts 16-128, outputs 48-240: outputs twice the prompt on average, as in chat logs).
 2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
-3. Memory: the paged pool's peak use at 64 concurrent vs a contiguous cache of max_seq_len per request, and the
+3. Memory: the paged pool's peak use at the highest level vs a contiguous cache of max_seq_len per request, and the
    same peak in an int8 and an int4 pool (chapter 6's per-token quantised KV) and a KIVI-4 and KIVI-2 pool (keys per
    channel over each block; the partly filled last block of each sequence in float rows, counted at their peak), in bytes.
+Also in process, no HTTP: the engine alone on the highest level's requests, and decode steps alone at batch 1 and c.
 
 The model is the cpu-1m shape with a 1,024-token context, untrained (speed does not depend on the weights);
-byte-level tokens, no stop tokens, so every request runs to its max_tokens.
+byte-level tokens, no stop tokens, so every request runs to its max_tokens. The load generator (httpx streaming
+clients) runs in a process of its own, as vLLM's and LMDeploy's serving benchmarks run theirs, so it does not share
+the server's GIL (`--client thread` puts it back in the server's process).
 
-    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--device cpu] [--repeats 3] [--kv-scheme fp]
+    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--mix short,chat] [--repeats 3] [--kv-scheme fp]
 With --repeats R each load level runs R times and the table shows the median tokens/s (and the load average
 of the machine before and after, since wall-clock figures on a shared machine move with it).
 Prints tables, then one line of JSON.
@@ -19,6 +24,7 @@ Prints tables, then one line of JSON.
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -69,25 +75,62 @@ def peak_bytes_by_scheme(model, peak: dict) -> dict:
 
 
 async def one_request(client, url, prompt, max_tokens):
-    "Stream one completion; (TTFT, inter-token gaps)."
+    "Stream one completion; (TTFT, gaps between SSE events, events)."
     start = time.perf_counter(); times = []
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]": times.append(time.perf_counter())
-    return times[0] - start, list(np.diff(times))
+    return times[0] - start, list(np.diff(times)), len(times)
 
 
 async def run_load(url, requests, concurrency):
-    "Send `requests` with at most `concurrency` in flight; wall time, TTFTs and ITLs."
+    "Send `requests` with at most `concurrency` in flight; wall time, TTFTs, gaps between events and the number of events."
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def limited(prompt, n):
             async with sem: return await one_request(client, url, prompt, n)
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(p, n) for p, n in requests))
-    return time.perf_counter() - start, [r[0] for r in results], [g for r in results for g in r[1]]
+    return time.perf_counter() - start, [r[0] for r in results], [g for r in results for g in r[1]], sum(r[2] for r in results)
+
+
+def _client_loop(jobs):
+    "The load generator's process: run each (url, requests, concurrency) job sent down the pipe and send back its result."
+    while (job := jobs.recv()) is not None: jobs.send(asyncio.run(run_load(*job)))
+
+
+class LoadGenerator:
+    "The streaming clients, in a process of their own (as vLLM's and LMDeploy's serving benchmarks run theirs), or in this one."
+    def __init__(self, separate_process: bool = True):
+        self.pipe = None
+        if separate_process:
+            self.pipe, child = multiprocessing.get_context("spawn").Pipe()
+            self.process = multiprocessing.get_context("spawn").Process(target=_client_loop, args=(child,), daemon=True)
+            self.process.start()
+
+    def run(self, url, requests, concurrency):
+        "(wall s, TTFTs, gaps between events, events) of one load run."
+        if self.pipe is None: return asyncio.run(run_load(url, requests, concurrency))
+        self.pipe.send((url, requests, concurrency)); return self.pipe.recv()
+
+    def close(self):
+        if self.pipe is not None: self.pipe.send(None); self.process.join(timeout=10)
+
+
+MIXES = {                                                               # name: (prompt tokens, output tokens), uniform ranges
+    "short": ((16, 128), (16, 48)),                                     # outputs shorter than prompts (means 72 and 32)
+    # outputs twice as long as prompts on average (means 72 and 144), as in chat logs: the vLLM paper (Fig. 11) gives
+    # means of 161 prompt / 338 output tokens for ShareGPT and 19 / 58 for Alpaca
+    "chat": ((16, 128), (48, 240)),
+}
+
+
+def make_requests(rng, mix, count):
+    "`count` (prompt ids, max_tokens) pairs of a mix, random byte prompts."
+    (p_lo, p_hi), (o_lo, o_hi) = MIXES[mix]
+    return [([rng.randrange(256) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi)) for _ in range(count)]
 
 
 def pct(values, q): return float(np.percentile(values, q) * 1000) if values else float("nan")
@@ -101,69 +144,83 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per load level; the median tokens/s is reported")
     ap.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4", "kivi4", "kivi2"], help="how the KV pool stores K/V")
+    ap.add_argument("--mix", default="short,chat", help=f"request mixes, comma-separated: {', '.join(MIXES)}")
+    ap.add_argument("--client", default="process", choices=["process", "thread"],
+                    help="where the load generator runs: its own process, or a thread of the server's (one GIL for both)")
     args = ap.parse_args()
+    load = LoadGenerator(separate_process=args.client == "process")
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0); rng = random.Random(0)
     cfg = get_config("cpu-1m", vocab_size=256, max_seq_len=1024)
     model = Decoder(cfg).to(args.device).eval()
     tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [])    # bytes; no special tokens, so no early stops
-    levels = [int(x) for x in args.levels.split(",")]
-    rows, result = [], {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats,
-                        "load_average_before": os.getloadavg()[0]}
+    levels, mixes = [int(x) for x in args.levels.split(",")], args.mix.split(",")
+    if unknown := set(mixes) - set(MIXES): raise SystemExit(f"unknown request mix {unknown}; mixes: {', '.join(MIXES)}")
+    # the same requests for both modes: drawn once per (mix, level)
+    requests = {(mix, c): make_requests(rng, mix, max(8, min(2 * c, 64))) for mix in mixes for c in levels}
+    result = {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats, "client": args.client,
+              "load_average_before": os.getloadavg()[0]}
     print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"KV {args.kv_scheme}, repeats {args.repeats}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}{'passes':>8}  (ms; passes = engine steps)")
+          f"KV {args.kv_scheme}, repeats {args.repeats}, clients in a {args.client}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'mix':<7}{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}"
+          f"{'passes':>8}{'tok/event':>10}{'CPU/tok':>8}")
+    print("(ms; passes = engine steps; ITL = gap between SSE events; CPU/tok = the server process's CPU time per generated "
+          "token in µs, all its threads: less moved by other load on the machine than wall-clock figures)")
     for mode, max_seqs in (("continuous batching", 64), ("one at a time", 1)):
         url, engine, stop = start_server(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
                                          max_num_batched_tokens=1024, enable_prefix_caching=False, kv_scheme=args.kv_scheme)
-        asyncio.run(run_load(url, [([1] * 32, 8)] * 2, 2))                 # warm up
-        for c in levels:
-            requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48))
-                        for _ in range(max(8, min(2 * c, 64)))]
-            runs = []
-            for _ in range(args.repeats):                               # the same requests each time
-                before, steps_before = engine.stats["generated_tokens"], engine.stats["steps"]
-                wall, ttft, itl = asyncio.run(run_load(url, requests, c))
-                runs.append(((engine.stats["generated_tokens"] - before) / wall, ttft, itl, engine.stats["steps"] - steps_before))
-            tps, ttft, itl, steps = sorted(runs, key=lambda r: r[0])[len(runs) // 2]   # the median run by tokens/s
-            print(f"{mode:<22}{c:>5}{len(requests):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}{steps:>8}")
-            result["levels"].setdefault(mode, {})[c] = {"tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1),
-                                                        "ttft_p95_ms": round(pct(ttft, 95), 1), "itl_p50_ms": round(pct(itl, 50), 2),
-                                                        "itl_p95_ms": round(pct(itl, 95), 2), "steps": steps}
-            if mode == "continuous batching" and c == max(levels):
-                block_bytes = engine.cache.nbytes // engine.bm.num_blocks
-                paged = engine.peak["blocks"] * block_bytes
-                contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
-                result["memory"] = {"concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
-                                    "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
-                                    "peak_partial_blocks": engine.peak["partial"], "peak_bytes_by_scheme": peak_bytes_by_scheme(model, engine.peak)}
+        load.run(url, [([1] * 32, 8)] * 2, 2)                          # warm up
+        for mix in mixes:
+            for c in levels:
+                runs = []
+                for _ in range(args.repeats):                           # the same requests each time
+                    before, steps_before, cpu = engine.stats["generated_tokens"], engine.stats["steps"], time.process_time()
+                    wall, ttft, itl, events = load.run(url, requests[mix, c], c)
+                    tokens = engine.stats["generated_tokens"] - before
+                    runs.append((tokens / wall, ttft, itl, engine.stats["steps"] - steps_before, tokens / events,
+                                 (time.process_time() - cpu) / tokens * 1e6))
+                tps, ttft, itl, steps, per_event, cpu_us = sorted(runs, key=lambda r: r[0])[len(runs) // 2]   # the median run by tokens/s
+                print(f"{mix:<7}{mode:<22}{c:>5}{len(requests[mix, c]):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}"
+                      f"{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}{steps:>8}{per_event:>10.2f}{cpu_us:>8.0f}")
+                result["levels"].setdefault(mix, {}).setdefault(mode, {})[c] = {
+                    "tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1), "ttft_p95_ms": round(pct(ttft, 95), 1),
+                    "itl_p50_ms": round(pct(itl, 50), 2), "itl_p95_ms": round(pct(itl, 95), 2), "steps": steps,
+                    "tokens_per_event": round(per_event, 2), "server_cpu_us_per_token": round(cpu_us)}
+                if mode == "continuous batching" and c == max(levels) and mix == mixes[0]:
+                    block_bytes = engine.cache.nbytes // engine.bm.num_blocks
+                    paged = engine.peak["blocks"] * block_bytes
+                    contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
+                    result["memory"] = {"mix": mix, "concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
+                                        "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
+                                        "peak_partial_blocks": engine.peak["partial"],
+                                        "peak_bytes_by_scheme": peak_bytes_by_scheme(model, engine.peak)}
         stop()
-    for c in levels:
-        cb, one = result["levels"]["continuous batching"][c], result["levels"]["one at a time"][c]
-        print(f"throughput at {c:>2} concurrent: continuous batching / one at a time = {cb['tokens_per_s'] / one['tokens_per_s']:.2f}x")
-    result["speedup"] = {c: round(result["levels"]["continuous batching"][c]["tokens_per_s"] /
-                                  result["levels"]["one at a time"][c]["tokens_per_s"], 2) for c in levels}
+    result["speedup"] = {mix: {c: round(result["levels"][mix]["continuous batching"][c]["tokens_per_s"] /
+                                        result["levels"][mix]["one at a time"][c]["tokens_per_s"], 2) for c in levels} for mix in mixes}
+    for mix in mixes:
+        for c in levels:
+            print(f"{mix} mix, throughput at {c:>2} concurrent: continuous batching / one at a time = {result['speedup'][mix][c]:.2f}x")
     # the engine alone, no HTTP: the same requests of the highest level through LLMEngine.generate in this thread,
-    # all at once vs one at a time; what the HTTP path (uvicorn, SSE, the GIL shared by three threads) adds is the difference
-    c = max(levels)
-    requests = [([rng.randrange(256) for _ in range(rng.randint(16, 128))], rng.randint(16, 48)) for _ in range(max(8, min(2 * c, 64)))]
-    alone = {}
-    for mode, max_seqs in (("continuous batching", c), ("one at a time", 1)):
-        engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=max_seqs, max_num_batched_tokens=1024,
-                                               enable_prefix_caching=False, kv_scheme=args.kv_scheme))
-        start = time.perf_counter()
-        engine.generate([p for p, _ in requests], [SamplingParams(max_tokens=n) for _, n in requests])
-        alone[mode] = engine.stats["generated_tokens"] / (time.perf_counter() - start)
-    print(f"engine alone (no HTTP), {len(requests)} requests: {alone['continuous batching']:.0f} tokens/s with up to {c} at once, "
-          f"{alone['one at a time']:.0f} one at a time ({alone['continuous batching'] / alone['one at a time']:.2f}x)")
-    result["engine_alone"] = {"concurrency": c, **{k: round(v, 1) for k, v in alone.items()},
-                              "ratio": round(alone["continuous batching"] / alone["one at a time"], 2)}
+    # all at once vs one at a time; what the HTTP path (uvicorn, SSE, the GIL shared by the server's threads) adds is the difference
+    c, result["engine_alone"] = max(levels), {}
+    for mix in mixes:
+        alone = {}
+        for mode, max_seqs in (("continuous batching", c), ("one at a time", 1)):
+            engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=max_seqs, max_num_batched_tokens=1024,
+                                                   enable_prefix_caching=False, kv_scheme=args.kv_scheme))
+            start = time.perf_counter()
+            engine.generate([p for p, _ in requests[mix, c]], [SamplingParams(max_tokens=n) for _, n in requests[mix, c]])
+            alone[mode] = engine.stats["generated_tokens"] / (time.perf_counter() - start)
+        print(f"{mix} mix, engine alone (no HTTP), {len(requests[mix, c])} requests: {alone['continuous batching']:.0f} tokens/s "
+              f"with up to {c} at once, {alone['one at a time']:.0f} one at a time ({alone['continuous batching'] / alone['one at a time']:.2f}x)")
+        result["engine_alone"][mix] = {"concurrency": c, **{k: round(v, 1) for k, v in alone.items()},
+                                       "ratio": round(alone["continuous batching"] / alone["one at a time"], 2)}
     # decode steps alone: c (or 1) sequences admitted and prefilled, then 40 timed engine.step() calls
     step_ms = {}
     for b in (1, c):
         engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=64, max_num_batched_tokens=4096,
                                                enable_prefix_caching=False, kv_scheme=args.kv_scheme))
-        for prompt, _ in requests[:b]: engine.add_request(prompt, SamplingParams(max_tokens=200))
+        for prompt, _ in requests[mixes[0], c][:b]: engine.add_request(prompt, SamplingParams(max_tokens=200))
         for _ in range(4): engine.step()                                # the prefill, then warm-up decodes
         start = time.perf_counter()
         for _ in range(40): engine.step()
@@ -185,12 +242,13 @@ def main():
     for name, on in (("prefix caching on", True), ("prefix caching off", False)):
         url, engine, stop = start_server(model, tokenizer, num_blocks=512, block_size=16, max_num_seqs=16,
                                          max_num_batched_tokens=1024, enable_prefix_caching=on, kv_scheme=args.kv_scheme)
-        asyncio.run(run_load(url, [(prompts[0], 2)], 1))                # the first request fills the cache
-        _, ttft, _ = asyncio.run(run_load(url, [(p, 2) for p in prompts[1:]], 1))
+        load.run(url, [(prompts[0], 2)], 1)                             # the first request fills the cache
+        _, ttft, _, _ = load.run(url, [(p, 2) for p in prompts[1:]], 1)
         ttfts[name] = ttft; stop()
     on, off = np.median(ttfts["prefix caching on"]) * 1000, np.median(ttfts["prefix caching off"]) * 1000
     print(f"TTFT with a shared 512-token system prompt: on {on:.1f} ms, off {off:.1f} ms ({off / on:.2f}x lower)")
     result["prefix_caching"] = {"ttft_on_ms": round(on, 1), "ttft_off_ms": round(off, 1), "ratio": round(off / on, 2)}
+    load.close()
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
 

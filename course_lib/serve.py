@@ -5,7 +5,8 @@ Decisions:
 - FastAPI + uvicorn; request bodies are pydantic models, so wrong types are rejected before they reach the engine.
 - Every error is a 4xx in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so official clients raise the right exception.
 - The engine runs on its own thread; handlers hand it requests through a queue and read tokens from an asyncio queue; a client that goes away cancels its request, which frees its blocks.
-- Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally, holding back an incomplete UTF-8 character.
+- Streaming is Server-Sent Events ending in `data: [DONE]`; text is detokenised incrementally by Python's incremental UTF-8 decoder: an incomplete character is held back, a byte that can never be part of one is sent at once as U+FFFD.
+- A streaming handler that falls behind the engine sends every token that arrived since its last event in one event (vLLM's output collector merges them the same way), so at high load the server sends fewer, larger events instead of queueing one per token.
 - Prompt logprobs as vLLM and OpenAI's legacy completions give them to evaluation harnesses (`echo` + `logprobs` on /v1/completions, `max_tokens=0` scores the prompt alone): one causal forward of the served model (with the request's adapter) over prompt + completion, in `completion_logprobs`, run on the engine's thread between steps; offsets index the returned text.
 - Chat prompts use chapter 2's ChatML template; generation stops at `<|im_end|>` (and the checkpoint's eos).
 - Tool calls: the tools are described in the system prompt and the model answers `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, parsed into OpenAI's `tool_calls` by `parse_tool_calls` (one function, to follow chapter 5's format); with tools, a streamed answer arrives in one chunk once parsed.
@@ -24,6 +25,7 @@ __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'p
 
 # %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
+import codecs
 import contextlib
 import json
 import queue
@@ -121,18 +123,23 @@ class AsyncEngine:
         self.engine.abort(seq_id)
         self._post(loop, [(q, error)])
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        "Submit a request and yield its outputs (of every choice) as the engine produces them; leaving early aborts it."
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[StepOutput]]:
+        "Submit a request and yield its outputs (of every choice) as the engine produces them, a list of all that arrived since the last yield; leaving early aborts it."
         self.engine.check_request(prompt_ids, params)                   # bad requests fail here, synchronously
         key, q = next(self._keys), asyncio.Queue()
         self._commands.put(("add", key, prompt_ids, params, asyncio.get_running_loop(), q)); self._wake.set()
         finished, left = False, params.n
         try:
             while not finished:
-                out = await q.get()
-                if isinstance(out, Exception): finished = True; raise out
-                left -= out.finished; finished = left == 0
-                yield out
+                outs = [await q.get()]
+                # subtle: a handler that fell behind the engine takes every output waiting for it at once, so it sends one
+                # event for them, not one per token (each event costs the loop more than a token costs the engine at batch 16)
+                while not q.empty(): outs.append(q.get_nowait())
+                for out in outs:
+                    if isinstance(out, Exception): finished = True; raise out
+                    left -= out.finished
+                finished = left == 0
+                yield outs
         finally:
             if not finished: self._commands.put(("abort", key)); self._wake.set()
 
@@ -269,22 +276,20 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 # %% ../nbs/07b_server.ipynb #87ccb186
 class Detokenizer:
-    "Incremental detokenisation: the text each new token adds, holding back an incomplete UTF-8 character."
+    "Incremental detokenisation: the text each new token adds, holding back only an incomplete UTF-8 character."
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+        self.tokenizer = tokenizer
+        # Python's incremental UTF-8 decoder keeps the bytes of a character that may still be completed and replaces bytes
+        # that never can be (a stray continuation byte, 0xff) with U+FFFD at once, exactly as decoding everything would
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"): return ""                           # subtle: wait for the rest of the character
-        new, self.sent = text[self.sent:], len(text)
-        return new
+        "The text `token` completes: '' while a character is unfinished, then all of it at once; O(1) per token."
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
 
     def flush(self) -> str:
-        "Whatever is held back, at the end of the sequence."
-        text = self.tokenizer.decode(self.ids)
-        new, self.sent = text[self.sent:], len(text)
-        return new
+        "Whatever is held back, at the end of the sequence (U+FFFD for a cut character)."
+        return self.utf8.decode(b"", final=True)
 
 def _stop_ids(tokenizer: Tokenizer, eos_ids: list[int]) -> tuple[int, ...]:
     "Ids that end generation: the checkpoint's eos and the tokenizer's <|im_end|> / <|endoftext|>."
@@ -359,25 +364,30 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
                               stop_ids=stop_ids, stop=tuple(s for s in stops_of(body) if s), seed=body.seed, n=body.n, adapter=adapter)
 
     async def run(prompt_ids: list[int], params: SamplingParams, stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        "(choice index, new text, finish_reason, tokens so far in that choice) of one request; stop strings end a choice early."
-        detoks, texts = [Detokenizer(tokenizer) for _ in range(params.n)], [""] * params.n
-        counts, done = [0] * params.n, [False] * params.n
+        """(choice index, new text, finish_reason, tokens so far in that choice) of one request, one item per choice for all the
+        tokens that arrived together (see `AsyncEngine.stream`); stop strings end a choice early."""
+        detoks = [Detokenizer(tokenizer) for _ in range(params.n)]
+        texts, sent = [""] * params.n, [0] * params.n                   # each choice's text, and how much of it was yielded
+        counts, reasons, done = [0] * params.n, [None] * params.n, [False] * params.n
         try:
-            async for out in runner.stream(prompt_ids, params):
-                i = out.index
-                if done[i]: continue                                    # this choice already hit a stop string
-                counts[i] += out.token is not None
-                piece = detoks[i].add(out.token) if out.token is not None else ""
-                if out.finished: piece += detoks[i].flush()
-                text = texts[i] + piece
-                if stops and any(s in text for s in stops):
-                    cut = min(text.index(s) for s in stops if s in text)
-                    done[i] = True
-                    yield i, text[len(texts[i]):cut], "stop", counts[i]
-                    if all(done): return                                # leaving aborts what is left of the request
-                    continue
-                texts[i], done[i] = text, out.finished
-                if piece or out.finished: yield i, piece, out.finish_reason, counts[i]
+            async for outs in runner.stream(prompt_ids, params):
+                changed = []
+                for out in outs:
+                    i = out.index
+                    if done[i]: continue                                # this choice already hit a stop string
+                    counts[i] += out.token is not None
+                    texts[i] += detoks[i].add(out.token) if out.token is not None else ""
+                    if out.finished: texts[i] += detoks[i].flush()
+                    done[i], reasons[i] = out.finished, out.finish_reason
+                    if stops and any(s in texts[i] for s in stops):
+                        texts[i] = texts[i][:min(texts[i].index(s) for s in stops if s in texts[i])]
+                        done[i], reasons[i] = True, "stop"
+                    if i not in changed: changed.append(i)
+                for i in changed:
+                    if len(texts[i]) > sent[i] or done[i]:
+                        yield i, texts[i][sent[i]:], reasons[i] if done[i] else None, counts[i]
+                        sent[i] = len(texts[i])
+                if all(done): return                                    # leaving aborts what is left of the request
         except ValueError as e: raise APIError(400, str(e))
 
     async def collect(gen: AsyncIterator, n: int) -> tuple[list[str], list[str | None], int]:
@@ -408,9 +418,9 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
             if body.max_tokens == 0: engine.check_request(prompt_ids, sampling(body, prompt_ids, 1))   # ids in range, fits
             else:
                 params = sampling(body, prompt_ids, body.max_tokens or min(16, max_len - len(prompt_ids)))
-                async for out in runner.stream(prompt_ids, params):
-                    out_ids += [out.token] if out.token is not None else []
-                    reason = out.finish_reason
+                async for outs in runner.stream(prompt_ids, params):
+                    out_ids += [out.token for out in outs if out.token is not None]
+                    reason = outs[-1].finish_reason
         except ValueError as e: raise APIError(400, str(e))
         skip = 0 if body.echo else len(prompt_ids)
         def score():                                                    # with the adapter the request named

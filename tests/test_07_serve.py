@@ -11,11 +11,12 @@ import openai
 import pytest
 import torch
 import uvicorn
+from hypothesis import given, settings, strategies as st
 
 from course_lib.engine import LLMEngine, SamplingParams
-from course_lib.serve import create_app
+from course_lib.serve import Detokenizer, create_app
 from tiny import tiny_chat_model
-from course_lib.tokenizer import EOT, apply_chat_template
+from course_lib.tokenizer import EOT, Tokenizer, apply_chat_template
 
 KEY = "test-key"
 
@@ -38,7 +39,7 @@ def server():
         try:
             if httpx.get(url + "/health").status_code == 200: break
         except httpx.HTTPError: time.sleep(0.05)
-    yield {"url": url, "engine": engine, "tok": tok, "model": model}
+    yield {"url": url, "engine": engine, "tok": tok, "model": model, "runner": app.state.engine}
     srv.should_exit = True; thread.join(timeout=10)
 
 
@@ -92,13 +93,46 @@ def test_completion_streaming(client):
     assert streamed == whole.choices[0].text
 
 
+# byte tokens: runs of valid UTF-8 text mixed with loose bytes (cut characters, stray continuation bytes)
+_byte_ids = st.lists(st.one_of(st.text(max_size=4).map(lambda t: list(t.encode())), st.lists(st.integers(0, 255), max_size=3)),
+                     max_size=20).map(lambda parts: [b for part in parts for b in part])
+
+
+@settings(max_examples=300, deadline=None)
+@given(_byte_ids)
+def test_detokenizer_pieces_join_to_the_whole_decode(ids):
+    "Sent piece by piece, the text equals decoding all the bytes at once (Python's codec, errors replaced)."
+    detok = Detokenizer(Tokenizer({i: bytes([i]) for i in range(256)}, []))
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) + detok.flush() == bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_a_slow_reader_gets_every_token_since_its_last_read_at_once(server):
+    "AsyncEngine.stream hands a reader that fell behind all outputs waiting for it in one list; nothing lost or reordered."
+    tok = server["tok"]
+    stops = (tok.special_tokens["<|im_end|>"], tok.special_tokens[EOT])
+    prompt = tok.encode("def main():")
+    want = _greedy(server, prompt, 24)
+    assert len(want) >= 4                                               # enough tokens for a reader to fall behind
+    async def read():
+        batches = []
+        async for outs in server["runner"].stream(prompt, SamplingParams(max_tokens=24, stop_ids=stops)):
+            batches.append(outs)
+            await asyncio.sleep(0.3)                                    # the engine runs on while this reader sleeps
+        return batches
+    batches = asyncio.run(read())
+    assert [o.token for outs in batches for o in outs if o.token is not None] == want
+    assert max(len(outs) for outs in batches) > 1 and batches[-1][-1].finished
+    _assert_no_leak(server["engine"])
+
+
 def test_tool_calls_in_openai_shape(client, server, monkeypatch):
     "The model's tagged call text comes back as OpenAI tool_calls (the untrained model is made to say it)."
     call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
     target = server["tok"].encode(call)
     engine = server["engine"]
     original = engine._sample
-    def scripted(seq, logits):                                          # sample the scripted text, then stop
+    def scripted(seq, logits, best):                                    # sample the scripted text, then stop
         i = len(seq.output_ids)
         return target[i] if i < len(target) else server["tok"].special_tokens["<|im_end|>"]
     monkeypatch.setattr(engine, "_sample", scripted)
