@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import RunContext, demo, stage
-from .kernels import (dequantize_asym, dequantize_cache, mx_block, pack_bits, quantize_asym, quantize_store,
-                                quantize_store_mx, unpack_bits)
+from .kernels import (
+    dequantize_asym, dequantize_cache, mx_block, pack_bits, quantize_asym, quantize_store, quantize_store_mx, unpack_bits)
 from .layers import rope_cos_sin
 from .model import Decoder, ModelConfig, filter_logits
 from .weights import Int4Linear, awq_scale, quantize_weights  # noqa: F401  (moved to lesson 06a; still importable from here)
@@ -87,8 +87,9 @@ class QuantCache(LayerCache):
 
     def _planes(self) -> tuple[torch.Tensor, ...]:
         if self.bits not in (4, 8): raise ValueError(f"per-token KV quantisation supports 8 and 4 bits, got {self.bits}")
-        (b, h, d), L, u8, f16 = self.shape, self.max_len, dict(dtype=torch.uint8, device=self.device), dict(dtype=torch.float16, device=self.device)
-        return torch.zeros(b, h, L, d * self.bits // 8, **u8), torch.zeros(b, h, L, **f16), torch.zeros(b, h, L, **f16)
+        (b, h, d), L = self.shape, self.max_len
+        u8, f16 = dict(dtype=torch.uint8, device=self.device), dict(dtype=torch.float16, device=self.device)
+        return torch.zeros(b, h, L, d * self.bits // 8, **u8), torch.zeros(b, h, L, **f16), torch.zeros(b, h, L, **f16)   # codes, scale, zero
 
     @staticmethod
     def bytes_per_token(h: int, d: int, bits: int, dtype: torch.dtype, residual: int = 0) -> float:
