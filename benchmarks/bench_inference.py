@@ -10,9 +10,10 @@ cached under --work), then measures, in one process:
      (`--llama-src`, or the LLAMA_CPP_SRC variable); without them its column is skipped with the reason;
   2. the speed-up of the cache over chapter 3's no-cache loop at 128/512/1024 new tokens (cpu-1m shape with
      a 1,100-token window, random weights);
-  3. per KV scheme (fp, int8, int4, kivi4, kivi2): bytes/token (vs a 16-bit cache), validation perplexity
-     through the cache (teacher-forced in chunks, which is exactly what decoding sees) and its delta, greedy
-     agreement with fp over 256 tokens; a trade-off plot;
+  3. per KV scheme (`KV_SCHEMES`: fp, int8, int4, zp4, mx8, mx4, kivi4, kivi2): bytes/token (vs a 16-bit cache),
+     validation perplexity through the cache (teacher-forced in chunks, which is exactly what decoding sees) and
+     its delta, greedy agreement with fp over 200 tokens; a trade-off plot. `--run DIR` measures a `camp run`'s
+     model instead (fine-tuned if there is one, else pretrained) on its tokenizer's validation tokens;
   4. int4 group-wise weights, plain and AWQ-scaled: bytes and perplexity delta;
   5. speculative decoding with the draft: acceptance rate, tokens per target pass, wall-clock speed-up.
 The machine is shared, so timings are noisy: rounds are interleaved and the median is reported.
@@ -21,6 +22,7 @@ The machine is shared, so timings are noisy: rounds are interleaved and the medi
     .venv/bin/python benchmarks/bench_inference.py --quick         # smaller lengths, fewer rounds
     .venv/bin/python benchmarks/bench_inference.py --threads 2     # a quiet machine
     .venv/bin/python benchmarks/bench_inference.py --parts decode --rounds 7   # decode speed only (random weights, no training)
+    .venv/bin/python benchmarks/bench_inference.py --parts kv --run runs/cpu-...   # KV schemes on a camp run's model (no training)
     pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llama && tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
     LLAMA_CPP_SRC=$(echo /tmp/llama/llama_cpp_python-*/vendor/llama.cpp) .venv/bin/python benchmarks/bench_inference.py --parts decode
 Ends with one JSON line.
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 
 from course_lib.core import embedded_corpus
-from course_lib.inference import KV_SCHEMES, cache_perplexity, generate, kv_bytes_per_token, speculative_generate
+from course_lib.inference import KV_SCHEMES, _run_model_folder, cache_perplexity, generate, kv_bytes_per_token, speculative_generate
 from course_lib.model import Decoder, export_hf, from_hf, get_config
 from course_lib.model import generate as generate_no_cache
 from course_lib.pretrain import TrainConfig, train, write_byte_tokens
@@ -66,6 +68,17 @@ def val_tokens(work: Path, n: int) -> torch.Tensor:
     meta = json.loads((work / "byte_tokens" / "meta.json").read_text())
     ids = np.fromfile(work / "byte_tokens" / "val.bin", dtype=meta["dtype"])[:n]
     return torch.from_numpy(ids.astype("int64"))
+
+
+def run_model_and_val(run: Path, n: int) -> tuple[Decoder, torch.Tensor, str]:
+    "A `camp run`'s newest model (fine-tuned, else pretrained), the first n of its tokenizer's validation tokens, and a label."
+    import numpy as np
+    folder = _run_model_folder(run)
+    if folder is None: raise SystemExit(f"no model in {run} (finetune/merged or pretrain/model)")
+    tokens = run / "tokenizer" / "tokens"
+    meta = json.loads((tokens / "meta.json").read_text())
+    ids = np.fromfile(tokens / "val.bin", dtype=meta["dtype"])[:n]
+    return from_hf(folder).eval(), torch.from_numpy(ids.astype("int64")), f"{run.name}/{folder.relative_to(run)}"
 
 
 def median_time(fn, rounds: int) -> float:
@@ -169,6 +182,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a shared, busy CPU 1 beats 2 by far)")
     p.add_argument("--parts", default="decode,cache,kv,weights,spec", help="comma-separated: decode,cache,kv,weights,spec")
+    p.add_argument("--run", help="kv part: a `camp run` folder whose model and validation tokens to measure (no training)")
     p.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC"),
                    help="llama-cpp-python's sdist folder vendor/llama.cpp (for convert_hf_to_gguf.py); optional")
     args = p.parse_args()
@@ -182,9 +196,9 @@ def main():
     parts = set(args.parts.split(","))
     if unknown := parts - {"decode", "cache", "kv", "weights", "spec"}: p.error(f"unknown parts: {', '.join(sorted(unknown))}")
     torch.manual_seed(0)
-    if parts & {"kv", "weights", "spec"}:
+    n_val = 4096 if args.quick else 16384
+    if parts & {"weights", "spec"} or ("kv" in parts and not args.run):
         target, draft = trained("cpu-1m", work, args.steps), trained("cpu-draft", work, args.steps)
-        n_val = 4096 if args.quick else 16384
         val = val_tokens(work, n_val + 8 * 128)
         val, calibration = val[:n_val], val[n_val:].view(8, 128)       # AWQ calibrates on tokens the perplexity does not see
     else: target = Decoder(get_config("cpu-1m")).eval()                   # decode speed does not depend on the weights
@@ -207,7 +221,10 @@ def main():
 
     # 2. cache vs no cache
     if "cache" in parts: cache_speedup(result, lengths, args.rounds)
-    if "kv" in parts: kv_schemes(result, target, val, args.steps, work)
+    if "kv" in parts:
+        kv_model, kv_val, label = (run_model_and_val(Path(args.run), n_val) if args.run
+                                   else (target, val, f"cpu-1m byte-level, trained {args.steps} steps"))
+        kv_schemes(result, kv_model, kv_val, label, work)
     if "weights" in parts: int4_weights(result, target, val, calibration)
     if "spec" in parts: speculative(result, target, draft, val)
     result["load_average_1m_at_end"] = os.getloadavg()[0]              # timings on a shared machine: say how shared
@@ -224,12 +241,14 @@ def cache_speedup(result: dict, lengths, rounds: int):
         print(f"{n:>10} {t_no:10.2f} {t_kv:8.2f} {t_no / t_kv:7.1f}x")
 
 
-def kv_schemes(result: dict, target: Decoder, val: torch.Tensor, steps: int, work: Path):
+def kv_schemes(result: dict, target: Decoder, val: torch.Tensor, label: str, work: Path):
+    "Per KV scheme: exact bytes/token, perplexity through the cache and its delta, greedy agreement with fp; the trade-off plot."
     base_ppl = cache_perplexity(target, val, None)
     fp16_bytes = kv_bytes_per_token(target.cfg, "fp", torch.float16)
     prompt = val[:32].tolist()
     ref = generate(target, prompt, 200, greedy=True)
-    print(f"\nplain forward perplexity {base_ppl:.3f} (bytes)")
+    print(f"\n{label}: {target.cfg.n_kv_heads} kv heads x head_dim {target.cfg.head_dim}; plain forward perplexity {base_ppl:.3f} "
+          f"over {len(val):,} validation tokens")
     print(f"{'scheme':>6} {'bytes/token':>11} {'vs 16-bit':>9} {'perplexity':>10} {'delta':>7} {'greedy agree':>12} {'first diff':>10}")
     rows = {}
     for scheme in KV_SCHEMES:
@@ -242,13 +261,17 @@ def kv_schemes(result: dict, target: Decoder, val: torch.Tensor, steps: int, wor
                         "ppl_delta_pct": 100 * (ppl / base_ppl - 1), "greedy_agreement": agree, "first_difference": first}
         r = rows[scheme]
         print(f"{scheme:>6} {nbytes:11.0f} {r['vs_fp16']:9.3f} {ppl:10.3f} {r['ppl_delta_pct']:+6.2f}% {agree:12.1%} {str(first):>10}")
-    result["kv_schemes"] = rows
+    result["kv_schemes"] = rows | {"model": label}
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for scheme, r in rows.items():
-        ax.scatter(r["vs_fp16"], r["ppl_delta_pct"]); ax.annotate(scheme, (r["vs_fp16"], r["ppl_delta_pct"]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for x, y, goal in ((0.53, 0.5, "int8 goal"), (0.3, 2.0, "int4 goal")):   # the issue's goals: at most x bytes, at most y % worse
+        ax.add_patch(plt.Rectangle((0, 0), x, y, fill=False, linestyle=":", edgecolor="grey")); ax.annotate(goal, (x, y), fontsize=7, color="grey")
+    for i, (scheme, r) in enumerate(rows.items()):                     # labels above and below in turn: neighbours overlap
+        ax.scatter(r["vs_fp16"], r["ppl_delta_pct"])
+        ax.annotate(scheme, (r["vs_fp16"], r["ppl_delta_pct"]), xytext=(3, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
     ax.set_xlabel("KV bytes per token (x 16-bit cache)"); ax.set_ylabel("perplexity change (%)")
-    ax.set_title(f"KV-cache schemes, cpu-1m trained {steps} steps"); fig.tight_layout()
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title(f"KV-cache schemes: {label}", fontsize=9); fig.tight_layout()
     fig.savefig(work / "kv_tradeoff.png", dpi=120)
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from course_lib.inference import (FPCache, KIVICache, KVCache, QuantCache, generate, kv_bytes_per_token, left_pad,
-                                  speculative_generate, stream)
+from course_lib.inference import (FPCache, KIVICache, KVCache, MXCache, QuantCache, ZeroPointCache, generate, kv_bytes_per_token,
+                                  left_pad, speculative_generate, stream)
 from course_lib.model import Decoder, ModelConfig, export_hf
 from course_lib.model import generate as generate_no_cache
 
@@ -103,6 +103,53 @@ def test_quant_cache_returns_float64_reference(bits):
     assert cache.nbytes == 2 * 5 * 2 * 3 * (16 * bits // 8 + 4)         # b x t x (K, V) x heads x (codes + fp16 scale, zero)
 
 
+def float64_dequant_zero_point(x, bits):
+    "x = (q - zp) * scale by hand: the range stretched to hold 0, scale rounded to float16, zp = round(-min / scale)."
+    x = x.double()
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (2**bits - 1)).half().double()
+    zp = torch.floor(-lo / scale + 0.5).clamp(0, 2**bits - 1)
+    return ((torch.floor(x / scale + 0.5) + zp).clamp(0, 2**bits - 1) - zp) * scale, scale
+
+
+def float64_dequant_mx(x, bits, block=32):
+    "OCP MX by hand: per block of `block` values, X = 2^floor(log2 max|x|), step X / 2^(bits-2), codes clamped to [-2^(bits-1), 2^(bits-1) - 1]."
+    import math
+    g = x.double().reshape(*x.shape[:-1], -1, block)
+    exp = torch.tensor([[math.floor(math.log2(a)) for a in row] for row in g.abs().amax(-1).reshape(-1, g.shape[-2]).tolist()],
+                       dtype=torch.float64).reshape(g.shape[:-1])[..., None]
+    step = 2.0 ** (exp - (bits - 2))
+    return (torch.floor(g / step + 0.5).clamp(-2**(bits - 1), 2**(bits - 1) - 1) * step).reshape(x.shape), step
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_point_and_mx_caches_return_float64_reference(bits):
+    torch.manual_seed(bits)
+    k, v = torch.randn(2, 3, 5, 64) * 2, torch.randn(2, 3, 5, 64) + 1.5      # v mostly positive: its range stretches to 0
+    for cache, by_hand in ((ZeroPointCache(2, 3, 64, max_len=9, bits=bits), float64_dequant_zero_point),
+                           (MXCache(2, 3, 64, max_len=9, bits=bits), float64_dequant_mx)):
+        cache.update(k[:, :, :2], v[:, :, :2])
+        kk, vv = cache.update(k[:, :, 2:], v[:, :, 2:])
+        for got, x in ((kk, k), (vv, v)):
+            want, step = by_hand(x, bits)
+            diff = (got.double() - want).abs()
+            assert (diff > 1e-6).float().mean() < 0.01                      # codes equal except rare rounding ties,
+            assert (diff.reshape(step.shape[:-1] + (-1,)) <= step * 1.01 + 1e-6).all()   # which land one step off
+    assert ZeroPointCache.bytes_per_token(3, 64, bits, torch.float16) == 2 * 3 * (64 * bits / 8 + 2 + 1)
+    assert cache.nbytes == 2 * 5 * 2 * 3 * (64 * bits // 8 + 2)         # MX: b x t x (K, V) x heads x (codes + 2 blocks of 32)
+
+
+def test_compact_cache_errors():
+    with pytest.raises(ValueError, match="not a multiple of the MX block of 32"):
+        MXCache(1, 2, 48, 4, bits=8)
+    with pytest.raises(ValueError, match="MX-style KV quantisation supports 8 and 4 bits, got 2"):
+        MXCache(1, 2, 32, 4, bits=2)
+    with pytest.raises(ValueError, match="zero-point KV quantisation supports 8 and 4 bits, got 2"):
+        ZeroPointCache(1, 2, 32, 4, bits=2)
+    with pytest.raises(ValueError, match="not a multiple of the MX block"):
+        KVCache(tiny(d_model=96, n_heads=2, n_kv_heads=1), 1, 8, "mx8")        # head_dim 48
+
+
 def test_kivi_cache_keys_per_channel_values_per_token_recent_exact():
     torch.manual_seed(0)
     R = 4
@@ -127,14 +174,17 @@ def test_bytes_per_token_by_hand():
     assert kv_bytes_per_token(cfg, "fp", torch.float16) == 2 * 2 * 2 * 16 * 2
     assert kv_bytes_per_token(cfg, "int8") == 2 * 2 * 2 * (16 + 4)
     assert kv_bytes_per_token(cfg, "int4") == 2 * 2 * 2 * (8 + 4)
+    assert kv_bytes_per_token(cfg, "zp4") == 2 * 2 * 2 * (8 + 2 + 1)      # fp16 scale + uint8 zero point
+    assert kv_bytes_per_token(cfg, "mx8") == 2 * 2 * 2 * (16 + 1)         # head_dim 16 < 32: one block per head
+    assert kv_bytes_per_token(tiny(d_model=256), "mx4") == 2 * 2 * 2 * (32 + 2)   # head_dim 64: two blocks of 32
     assert kv_bytes_per_token(cfg, "kivi2", residual=32) == 2 * (2 * 2 * 16 * 2 / 8 + 2 * 4 + 2 * 16 * 4 / 32)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "kivi4", "kivi2"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "zp4", "mx8", "mx4", "kivi4", "kivi2"])
 def test_quantised_cache_generation_runs_and_int8_agrees(model, scheme):
     out = generate(model, [[1, 2, 3], [4, 5]], 20, greedy=True, kv=scheme, residual=8)
     assert [len(o) for o in out] == [20, 20]
-    if scheme == "int8":
+    if scheme in ("int8", "mx8"):
         assert out == generate(model, [[1, 2, 3], [4, 5]], 20, greedy=True)
 
 
