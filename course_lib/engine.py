@@ -8,7 +8,7 @@ Decisions:
 - The scheduler runs once per step: running sequences first (a decode token or the next prefill chunk), then waiting ones in arrival order, all under one token budget (chunked prefill) and a cap on sequences.
 - When blocks run out the newest running sequence is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute mode).
 - Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); reading slots (`gather_slots`) and decode attention straight from the block table (a PyTorch reference and Triton kernels for float, int8/int4 and KIVI pools) live in `course_lib.paged_attention` (lesson 07a).
-- The decode pass of a float32 model without LoRA adapters runs chapter 6's `StepDecoder` (fused q/k/v and gate/up, a rope table, no module dispatch) over the same cache hook; it packs the weights once, at engine start, so an engine must be rebuilt after the model's weights change.
+- The decode pass of a float32 model without LoRA adapters runs chapter 6's `StepDecoder` (fused q/k/v and gate/up, a rope table, grouped-query heads as rows of one query block, no module dispatch) over the same cache hook; it packs the weights once, at engine start, so an engine must be rebuilt after the model's weights change.
 - The pool stores keys and values in full precision or, as chapter 6's int8/int4 caches do, per token and head as codes with a float16 scale and zero (LMDeploy's layout): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
 - KIVI fits with the block as its group (chapter 6's residual = block_size): a block that fills is quantised in place, keys per channel over its B tokens (a float16 scale and zero per block, head and channel) and values per token; until then it is a float row, allocated as needed (a row whose block nobody holds is reclaimed first). Prefix-cached blocks are full, so always quantised; copy-on-write copies a partly filled block's row; one step's rows are planned once for all layers. Greedy tokens equal chapter 6's `KIVICache` (residual = B) except where a block's tokens were computed with another view of it: a prefill chunk that ends inside it, a recompute after preemption, a prefix hit on a block filled while decoding.
 - `n > 1` choices share their prompt: the request is prefilled once, then forked into n sequences whose block tables point at the same blocks (reference counts), and the partly filled last block is copied on the first write.
@@ -168,6 +168,11 @@ class Sequence:
     def tokens(self) -> list[int]: return self.prompt_ids + self.output_ids
 
     def __len__(self) -> int: return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens_at(self, start: int, stop: int) -> list[int]:
+        "tokens[start:stop] without building the whole list (a decode step asks for one token past the prompt, every step)."
+        past = len(self.prompt_ids)
+        return self.output_ids[start - past:stop - past] if start >= past else self.tokens[start:stop]
 
     def __repr__(self) -> str:
         return f"Sequence({self.seq_id}, len={len(self)}, computed={self.num_computed}, blocks={self.block_table})"
@@ -468,10 +473,11 @@ class LLMEngine:
         pos = torch.arange(s)[None, :] - (s - ends)[:, None]             # (b, s) right-aligned: queries are the last keys; < 0 = pad
         key_mask = pos >= 0                                             # (b, s)
         pos = pos.clamp_min(0)
-        read = torch.where(key_mask, tables.gather(1, pos // bs) * bs + pos % bs, 0)   # (b, s) slots through the block tables
+        slot_of = (tables[:, :, None] * bs + torch.arange(bs)).view(b, width * bs)   # (b, width * bs): each position's slot
+        read = torch.where(key_mask, slot_of.gather(1, pos), 0)         # (b, s) slots through the block tables
         is_new = torch.arange(t)[None, :] >= (t - n_new)[:, None]       # (b, t) left-padded new tokens
         ids = torch.zeros(b, t, dtype=torch.long)
-        ids[is_new] = torch.tensor([tok for seq, n in batch for tok in seq.tokens[seq.num_computed:seq.num_computed + n]])
+        ids[is_new] = torch.tensor([tok for seq, n in batch for tok in seq.tokens_at(seq.num_computed, seq.num_computed + n)])
         positions = torch.where(is_new, pos[:, s - t:], 0)              # (b, t)
         write = torch.where(is_new, read[:, s - t:], -1)                # (b, t)
         device = self.cache.device
@@ -485,7 +491,7 @@ class LLMEngine:
         # subtle: padding a 1-token decode to a 128-token prefill chunk would multiply the work 128 times
         decodes = [i for i, (_, n) in enumerate(batch) if n == 1]
         groups = ([decodes] if decodes else []) + [[i] for i, (_, n) in enumerate(batch) if n > 1]
-        logits = [None] * len(batch)
+        outs, order = [], []
         for group in groups:
             ids, positions, write, read, key_mask = self._inputs([batch[i] for i in group])
             view = PagedBatch(self.cache, self.model.cfg.n_layers, write, read)
@@ -494,8 +500,10 @@ class LLMEngine:
             else:
                 with self.lora.rows([batch[i][0].params.adapter for i in group]) if self.lora else contextlib.nullcontext():
                     out = self.model(ids, positions=positions, cache=view, attention_mask=key_mask)[:, -1]   # (g, V)
-            for i, row in zip(group, out): logits[i] = row
-        return torch.stack(logits)                                      # (b, V)
+            outs.append(out); order += group
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]            # (b, V), decodes first
+        if order == list(range(len(batch))): return out                 # a step of decodes only: already in batch order
+        return out.new_empty(out.shape).index_copy_(0, torch.tensor(order, device=out.device), out)   # (b, V): row k is batch[order[k]]'s
 
     def _sample(self, seq: Sequence, logits: torch.Tensor, best: int) -> int:
         "`best` (the row's argmax, taken for the whole batch at once) for plain greedy; else chapter 6's `next_tokens` on the row."
