@@ -7,8 +7,9 @@
    dominate) and "chat" (prompts 16-128, outputs 48-240: outputs twice the prompt on average, as in chat logs).
 2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
 3. Memory: the paged pool's peak use at the highest level vs a contiguous cache of max_seq_len per request, and the
-   same peak in an int8 and an int4 pool (chapter 6's per-token quantised KV) and a KIVI-4 and KIVI-2 pool (keys per
-   channel over each block; the partly filled last block of each sequence in float rows, counted at their peak), in bytes.
+   same peak in a pool of each of chapter 6's quantised schemes: int8/int4, zp4 and mx8/mx4 (per-token statistics)
+   and KIVI-4/KIVI-2 (keys per channel over each block; the partly filled last block of each sequence in float rows,
+   counted at their peak), in bytes.
 Also in process, no HTTP: the engine alone on the highest level's requests, and decode steps alone at batch 1 and c,
 timed in CPU time (time.process_time), which other load on a shared machine moves far less than wall time.
 
@@ -38,6 +39,7 @@ import torch
 import uvicorn
 
 from course_lib.engine import EngineConfig, LLMEngine, PagedKVCache, SamplingParams
+from course_lib.inference import KV_SCHEMES
 from course_lib.model import Decoder, get_config
 from course_lib.serve import create_app
 from course_lib.tokenizer import Tokenizer
@@ -71,7 +73,7 @@ def start_server(model, tokenizer, **engine_args):
 
 def peak_bytes_by_scheme(model, peak: dict) -> dict:
     "The peak's blocks (of 16 tokens) stored in each scheme, counted; KIVI adds a float row, an fp block's bytes, per partly filled block."
-    block = {kv: PagedKVCache(model, 1, 16, kv).nbytes for kv in ("fp", "int8", "int4", "kivi4", "kivi2")}
+    block = {kv: PagedKVCache(model, 1, 16, kv).nbytes for kv in KV_SCHEMES}
     return {kv: peak["blocks"] * b + (peak["partial"] * block["fp"] if kv.startswith("kivi") else 0) for kv, b in block.items()}
 
 
@@ -144,7 +146,7 @@ def main():
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per load level; the median tokens/s is reported")
-    ap.add_argument("--kv-scheme", default="fp", choices=["fp", "int8", "int4", "kivi4", "kivi2"], help="how the KV pool stores K/V")
+    ap.add_argument("--kv-scheme", default="fp", choices=KV_SCHEMES, help="how the KV pool stores K/V (chapter 6's schemes)")
     ap.add_argument("--mix", default="short,chat", help=f"request mixes, comma-separated: {', '.join(MIXES)}")
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the load generator runs: its own process, or a thread of the server's (one GIL for both)")

@@ -5,12 +5,12 @@ Decisions:
 - The cache is one pool of fixed-size blocks per layer; a sequence owns a *block table* (a list of block ids), never a contiguous slab.
 - Blocks carry reference counts; a fork shares every block, and the last, partly filled one is copied on write.
 - Prefix caching hashes each *full* block chained with its predecessor's hash (a block's hash names its whole prefix); a freed block keeps its hash and content until the free list hands it out again.
-- The scheduler runs once per step: running sequences first (a decode token or the next prefill chunk), then waiting ones in arrival order, all under one token budget (chunked prefill) and a cap on sequences.
+- The scheduler runs once per step: running sequences first (a decode token or the next prefill chunk), then waiting ones in arrival order, all under one token budget (chunked prefill) and a cap on sequences; a chunk that is not a prompt's last ends on a block boundary (with none in reach it waits for a step with room, unless it would run alone), so a KIVI pool sees each block as chapter 6 does.
 - When blocks run out the newest running sequence is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute mode).
-- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); reading slots (`gather_slots`) and decode attention straight from the block table (a PyTorch reference and Triton kernels for float, int8/int4 and KIVI pools) live in `course_lib.paged_attention` (lesson 07a).
+- Each step runs every decoding sequence in one forward pass, left-padded to (b, s) keys, and each prefill chunk in a pass of its own (no padding waste): chapter 3's cache hook writes new keys and values into their slots and gathers each sequence's history through its block table (the PyTorch reference path); reading slots (`gather_slots`) and decode attention straight from the block table (a PyTorch reference and Triton kernels for float, int8/int4, zp4, mx8/mx4 and KIVI pools) live in `course_lib.paged_attention` (lesson 07a).
 - The decode pass of a float32 model without LoRA adapters runs chapter 6's `StepDecoder` (fused q/k/v and gate/up, a rope table, grouped-query heads as rows of one query block, no module dispatch) over the same cache hook; it packs the weights once, at engine start, so an engine must be rebuilt after the model's weights change.
-- The pool stores keys and values in full precision or, as chapter 6's int8/int4 caches do, per token and head as codes with a float16 scale and zero (LMDeploy's layout): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
-- KIVI fits with the block as its group (chapter 6's residual = block_size): a block that fills is quantised in place, keys per channel over its B tokens (a float16 scale and zero per block, head and channel) and values per token; until then it is a float row, allocated as needed (a row whose block nobody holds is reclaimed first). Prefix-cached blocks are full, so always quantised; copy-on-write copies a partly filled block's row; one step's rows are planned once for all layers. Greedy tokens equal chapter 6's `KIVICache` (residual = B) except where a block's tokens were computed with another view of it: a prefill chunk that ends inside it, a recompute after preemption, a prefix hit on a block filled while decoding.
+- The pool stores keys and values in full precision or, as chapter 6's per-token caches do, per token and head as codes: int8/int4 with a float16 scale and zero (LMDeploy's layout), zp4 with a float16 scale and a uint8 zero point, mx8/mx4 with an E8M0 exponent byte per block of 32 along the head (OCP Microscaling): a slot is one token, so quantising on write and dequantising on read is chapter 6's quantiser applied slot by slot, and prefix caching and copy-on-write never ask which scheme they hold.
+- KIVI fits with the block as its group (chapter 6's residual = block_size): a block that fills is quantised in place, keys per channel over its B tokens (a float16 scale and zero per block, head and channel) and values per token; until then it is a float row, allocated as needed (a row whose block nobody holds is reclaimed first). Prefix-cached blocks are full, so always quantised; copy-on-write copies a partly filled block's row; one step's rows are planned once for all layers. Greedy tokens equal chapter 6's `KIVICache` (residual = B) except where a block's tokens were computed with another view of it: a prefill chunk that ends inside it (only a budget below the block size makes one), a recompute after preemption, a prefix hit on a block filled while decoding.
 - `n > 1` choices share their prompt: the request is prefilled once, then forked into n sequences whose block tables point at the same blocks (reference counts), and the partly filled last block is copied on the first write.
 - Every stopping rule (stop ids, stop strings, length) is checked per sequence right after it samples, so one choice of a request finishes and frees its blocks while its siblings go on; stop strings are matched on the decoded tail of the output, as long in tokens as the longest stop string is in bytes.
 - LoRA adapters are served side by side on one base model (S-LoRA's idea, unfused): each adapted linear layer adds, row by row, the update of the adapter its request named; adapters load through chapter 5's `load_adapter` (peft layout, base checked), and an adapter's name salts the prefix-cache hashes, since its keys and values differ from the base's.
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .inference import Sampling, StepDecoder, _parse_scheme, next_tokens
-from .kernels import pack_bits, quantize_asym
+from .kernels import mx_block, pack_bits, quantize_asym, quantize_mx, quantize_zp
 from .lora import load_adapter, lora_layers
 from .model import Decoder
 from .paged_attention import gather_slots
@@ -203,6 +203,15 @@ class Scheduler:
         if seq in self.running: self.running.remove(seq)
         elif seq in self.waiting: self.waiting.remove(seq)
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        "New tokens of `seq` this step: all it has left within budget, but a chunk that is not its last ends on a block boundary (bs 4: 7 of 10 tokens -> 4); none in reach, it waits a step (0), unless nothing else runs."
+        # subtle: a KIVI pool quantises a block when it fills; a chunk ending inside one would see that block in float, not as chapter 6 does
+        n, bs = min(len(seq) - seq.num_computed, budget), self.bm.block_size
+        end = (seq.num_computed + n) // bs * bs
+        if seq.num_computed + n == len(seq): return n                   # the last chunk (or a decode token)
+        if end > seq.num_computed: return end - seq.num_computed
+        return 0 if budget < self.max_num_batched_tokens else n         # the step's first work always progresses
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         "This step's work as (sequence, new tokens) pairs; preempts the newest running sequences when blocks run out."
         budget, scheduled, kept, preempted = self.max_num_batched_tokens, [], [], False
@@ -210,8 +219,8 @@ class Scheduler:
         # 1. running sequences, oldest first: one decode token, or the next chunk of a long prefill
         while queue:
             seq = queue.pop(0)
-            n = min(len(seq) - seq.num_computed, budget)
-            if n == 0: kept.append(seq); continue                       # budget spent: it waits a step, keeping its blocks
+            n = self._chunk(seq, budget)
+            if n == 0: kept.append(seq); continue                       # budget spent, or no boundary in reach: it waits, keeping its blocks
             while not self.bm.prepare_append(seq.block_table, seq.num_computed, seq.num_computed + n):
                 victim = queue.pop() if queue else seq                  # the newest is preempted; oldest always progresses
                 self.preempt(victim); preempted = True
@@ -226,8 +235,8 @@ class Scheduler:
                 seq.block_table = self.bm.match_prefix(seq.tokens, seq.params.adapter)
                 seq.num_computed = len(seq.block_table) * self.bm.block_size
                 if not seq.output_ids: seq.num_cached_prompt = seq.num_computed
-            n = min(len(seq) - seq.num_computed, budget)
-            if not self.bm.prepare_append(seq.block_table, seq.num_computed, seq.num_computed + n):
+            n = self._chunk(seq, budget)
+            if n == 0 or not self.bm.prepare_append(seq.block_table, seq.num_computed, seq.num_computed + n):
                 self.bm.free_table(seq.block_table); seq.num_computed = 0   # hold nothing while waiting
                 break
             self.waiting.popleft()
@@ -236,21 +245,22 @@ class Scheduler:
 
 # %% ../nbs/07_serving.ipynb #1632a66f
 class PagedKVCache:
-    "The block pool of every layer, addressed by slot: keys and values in full precision, int8/int4 codes per token and head, or KIVI with the block as its group."
+    "The block pool of every layer, addressed by slot: keys and values in full precision; int8/int4, zp4 or mx8/mx4 codes per token and head; or KIVI with the block as its group."
     def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_scheme: str = "fp",
                  holders: list[int] | None = None):    # the block manager's reference counts: KIVI reclaims the float row of a block nobody holds
-        kind, bits = _parse_scheme(kv_scheme)
-        if kind not in ("fp", "int", "kivi"): raise ValueError(f"the paged cache stores 'fp', 'int8', 'int4', 'kivi4' or 'kivi2' KV, not {kv_scheme!r}")
+        kind, bits = _parse_scheme(kv_scheme)                          # every chapter-6 scheme (KV_SCHEMES); an unknown name is refused
         cfg, p = model.cfg, next(model.parameters())
         L, h, d = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
         self.block_size, self.num_slots, self.scheme, self.dtype, self.device = block_size, num_blocks * block_size, kv_scheme, p.dtype, p.device
-        self.bits, self.kivi = (None if kind == "fp" else bits), kind == "kivi"
+        self.bits, self.kind, self.kivi = (None if kind == "fp" else bits), kind, kind == "kivi"
         if self.kivi and d % (8 // bits): raise ValueError(f"{kv_scheme} packs {8 // bits} codes a byte: head_dim {d} is not a multiple")
         def planes(stats: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
             if self.bits is None: return (torch.zeros(L, self.num_slots, h, d, dtype=p.dtype, device=p.device),)   # (L, slots, h_kv, hd)
-            return (torch.zeros(L, self.num_slots, h, d * bits // 8, dtype=torch.uint8, device=p.device),     # codes (L, slots, h_kv, hd*bits/8)
+            codes = torch.zeros(L, self.num_slots, h, d * bits // 8, dtype=torch.uint8, device=p.device)      # codes (L, slots, h_kv, hd*bits/8)
+            if kind == "mx": return codes, torch.zeros(L, self.num_slots, h, d // mx_block(d), dtype=torch.uint8, device=p.device)   # E8M0 exponents
+            return (codes,
                     torch.zeros(L, *stats, dtype=torch.float16, device=p.device),                              # scale (L, *stats)
-                    torch.zeros(L, *stats, dtype=torch.float16, device=p.device))                              # zero (L, *stats)
+                    torch.zeros(L, *stats, dtype=torch.uint8 if kind == "zp" else torch.float16, device=p.device))   # zero (L, *stats); zp: a uint8 code
         self.k = planes((num_blocks, h, d) if self.kivi else (self.num_slots, h))   # KIVI keys: per block and channel; else per token
         self.v = planes((self.num_slots, h))                                        # per token and head
         # KIVI: a partly filled block lives in a float row of B tokens until it fills; rows are allocated as needed
@@ -325,13 +335,17 @@ class PagedKVCache:
                 "stay": torch.tensor([local[b] for b in stays], dtype=torch.long, device=self.device), "stay_rows": spread(stay_rows)}
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict | None = None):
-        "Store new keys and values k, v (n, h_kv, hd) at `slots` (n,); int8/int4 use chapter 6's per-token quantiser, KIVI its block quantiser (`plan` from plan_write)."
+        "Store new keys and values k, v (n, h_kv, hd) at `slots` (n,); int8/int4, zp4 and mx8/mx4 use chapter 6's per-token quantisers, KIVI its block quantiser (`plan` from plan_write)."
         if self.kivi:
             if plan is None: raise ValueError("a KIVI pool writes through a plan from plan_write, made once per step for every layer")
             return self._write_kivi(layer, k, v, plan)
         for planes, x in ((self.k, k), (self.v, v)):
             if self.bits is None: planes[0][layer, slots] = x; continue
-            codes, scale, zero = quantize_asym(x, self.bits)            # (n, h_kv, hd), (n, h_kv, 1) x 2
+            if self.kind == "mx":
+                codes, exps = quantize_mx(x, self.bits, mx_block(x.shape[-1]))   # (n, h_kv, hd), (n, h_kv, hd/block)
+                planes[0][layer, slots], planes[1][layer, slots] = pack_bits(codes, self.bits), exps
+                continue
+            codes, scale, zero = (quantize_zp if self.kind == "zp" else quantize_asym)(x, self.bits)   # (n, h_kv, hd), (n, h_kv, 1) x 2
             planes[0][layer, slots] = pack_bits(codes, self.bits)
             planes[1][layer, slots], planes[2][layer, slots] = scale[..., 0], zero[..., 0]
 
@@ -353,7 +367,7 @@ class PagedKVCache:
             recent[layer, plan["stay_rows"]] = scratch[plan["stay"]].flatten(0, 1)
 
     def layer_pools(self, layer: int) -> tuple:
-        "One layer's (keys, values) pools as the paged-attention functions take them: (slots, h_kv, hd) tensors, (codes, scale, zero) tuples, or KIVI's (codes, scale, zero, rows, row_of_block)."
+        "One layer's (keys, values) pools as the paged-attention functions take them: (slots, h_kv, hd) tensors, (codes, scale, zero) or MX's (codes, exponents) tuples, or KIVI's (codes, scale, zero, rows, row_of_block)."
         if self.bits is None: return self.k[0][layer], self.v[0][layer]
         if not self.kivi: return tuple(p[layer] for p in self.k), tuple(p[layer] for p in self.v)
         return tuple((*(p[layer] for p in planes), recent[layer], self.row_of_block)
@@ -400,7 +414,7 @@ class EngineConfig:
     max_num_seqs: int = 16                 # sequences in one step at most
     max_num_batched_tokens: int = 256      # tokens in one step at most (prefill chunks + decodes)
     enable_prefix_caching: bool = True     # reuse cached full blocks of shared prefixes
-    kv_scheme: str = "fp"                  # how the pool stores K/V: 'fp' (the model's dtype), 'int8', 'int4', 'kivi4' or 'kivi2'
+    kv_scheme: str = "fp"                  # how the pool stores K/V: one of chapter 6's KV_SCHEMES ('fp' is the model's dtype)
 
 class LLMEngine:
     "Continuous batching over a paged KV cache: add requests any time, call `step()`, read tokens as they come."

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['KV_BITS', 'MX_BLOCK', 'triton_available', 'pack_bits', 'unpack_bits', 'quantize_asym', 'dequantize_asym',
            'quantize_zp', 'mx_block', 'quantize_mx', 'dequantize_mx', 'quantize_store', 'quantize_store_mx',
-           'merge_splits', 'dequantize_cache', 'decode_attention', 'int4_matmul']
+           'merge_splits', 'dequantize_rows', 'dequantize_cache', 'decode_attention', 'int4_matmul']
 
 # %% ../nbs/06b_kernels.ipynb #c6f7ae65
 import math
@@ -329,12 +329,16 @@ def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.T
     w = torch.where(m == float("-inf"), 0.0, torch.exp(m - top.clamp_min(torch.finfo(m.dtype).min)))  # (..., n)
     return (acc * w[..., None]).sum(-2) / (l * w).sum(-1, keepdim=True)   # (..., d)
 
+def dequantize_rows(planes: tuple, bits: int, scheme: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "Rows of packed codes (..., d*bits/8) with a scale and zero or zero point each (...), or (MX) exponents (..., d/block) -> (..., d) in dtype."
+    codes = unpack_bits(planes[0], bits)
+    if scheme == "mx": return dequantize_mx(codes, planes[1], bits, dtype)
+    scale, zero = planes[1][..., None].float(), planes[2][..., None].float()
+    return dequantize_asym(codes, scale, -zero * scale if scheme == "zp" else zero, dtype)
+
 def dequantize_cache(planes: tuple, length: int, bits: int, scheme: str) -> torch.Tensor:
     "The first `length` cached tokens of (codes, scale, zero or zero point) or, MX, (codes, exponents) as float32 (b, h_kv, length, d)."
-    codes = unpack_bits(planes[0][:, :, :length], bits)
-    if scheme == "mx": return dequantize_mx(codes, planes[1][:, :, :length], bits)
-    scale, zero = planes[1][:, :, :length, None].float(), planes[2][:, :, :length, None].float()
-    return dequantize_asym(codes, scale, -zero * scale if scheme == "zp" else zero)
+    return dequantize_rows(tuple(plane[:, :, :length] for plane in planes), bits, scheme)
 
 def decode_attention(q: torch.Tensor, k_cache: tuple, v_cache: tuple, length: int, bits: int,
                      valid: torch.Tensor | None = None, n_splits: int = 4, backend: str = "auto", scheme: str = "int") -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""Decode attention that reads keys and values in place through block tables: a PyTorch reference and Triton kernels for float, int8/int4 and KIVI pools.
+"""Decode attention that reads keys and values in place through block tables: a PyTorch reference and Triton kernels for float, int8/int4, zp4, mx8/mx4 and KIVI pools.
 
 Decisions:
 
 - A token's *slot* is `table[pos // B] * B + pos % B`: a layer's pool is `(num_blocks * B, h_kv, hd)` and a block table maps a sequence's logical blocks to physical ones.
-- `gather_slots` is the one read of a pool, shared with the engine's cache (`course_lib.engine.PagedKVCache.read`): `index_select` on the flattened slots (several times faster than advanced indexing on a CPU), and a quantised pool (codes, scale, zero) dequantised with chapter 6's quantiser; a KIVI pool adds its float rows and the map from block to row, `(codes, scale, zero, rows, row_of_block)`, with the keys' scale and zero per block and channel.
+- `gather_slots` is the one read of a pool, shared with the engine's cache (`course_lib.engine.PagedKVCache.read`): `index_select` on the flattened slots (several times faster than advanced indexing on a CPU), and a quantised pool (codes, scale, zero), zp's with a uint8 zero plane, or MX's (codes, exponents), dequantised with chapter 6's `dequantize_rows`; a KIVI pool adds its float rows and the map from block to row, `(codes, scale, zero, rows, row_of_block)`, with the keys' scale and zero per block and channel.
 - The PyTorch reference gathers each sequence's history and runs plain softmax attention in float32: the readable version, and what the kernels are tested against.
 - The Triton kernels run one program per (sequence, head) and walk the sequence's blocks with an online softmax (running max, denominator and weighted sum), so no copy of the history is made; a grouped-query head reads KV head `head // (N_HEADS // N_KV)`.
-- The int8/int4 kernel loads a block's packed bytes with their per-token float16 scale and zero and dequantises in registers (chapter 6's split-halves packing: in int4, byte `j` holds dimension `j` in its low bits and `j + hd/2` in its high bits).
+- The int8/int4 kernel loads a block's packed bytes with their per-token float16 scale and zero and dequantises in registers (chapter 6's split-halves packing: in int4, byte `j` holds dimension `j` in its low bits and `j + hd/2` in its high bits); zp and MX pools take the branches of chapter 6's `_decode_attention_kernel` (`ZP`: the offset is `-zp * scale`; `MX`: each code's step comes from its block's exponent byte).
 - The KIVI kernel loads, per block, one entry of `row_of_block`: a quantised block's keys come from codes with the block's per-channel scale and zero (hd values, loaded once a block), values with per-token ones; a partly filled block's from its float row. Dimension `d` sits in byte `d % (hd*bits/8)` at bit `bits * (d // (hd*bits/8))`, which covers KIVI-4 and KIVI-2 alike.
 - Block tables are padded with block 0 to one width; a program never reads past its sequence's length, so the padding is never loaded.
 - Kernels compile at first use (chapter 6's `_jit`), so the module imports without Triton; it knows nothing of the engine (`course_lib.engine` imports it, never the reverse)."""
@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .kernels import _jit, constexpr, dequantize_asym, tl, triton_available, unpack_bits
+from .kernels import _jit, constexpr, dequantize_asym, dequantize_rows, mx_block, tl, triton_available, unpack_bits
 
 # %% ../nbs/07a_paged_attention.ipynb #5daff020
 def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -35,12 +35,15 @@ def gather_slots(pool: torch.Tensor | tuple, slots: torch.Tensor, bits: int | No
     def take(plane: torch.Tensor, index: torch.Tensor = slots) -> torch.Tensor:
         return plane.index_select(0, index.reshape(-1)).view(*index.shape, *plane.shape[1:])
     if bits is None: return take(pool)
-    codes, scale, zero, *recent = pool                                  # codes (slots, h_kv, hd*bits/8) uint8; KIVI adds 2 planes
-    per_token = scale.dim() == 2                                        # scale, zero (slots, h_kv) fp16; KIVI keys: (blocks, h_kv, hd)
-    at = slots if per_token else slots // (codes.shape[0] // scale.shape[0])   # a token's statistics, or its block's per channel
-    s, z = take(scale, at), take(zero, at)
-    if per_token: s, z = s[..., None], z[..., None]
-    x = dequantize_asym(unpack_bits(take(codes), bits), s, z, dtype)   # (*slots.shape, h_kv, hd)
+    codes, *stats = pool[:3]                                            # codes (slots, h_kv, hd*bits/8) uint8; KIVI adds 2 planes
+    recent = pool[3:]
+    # a pool's planes name its scheme: MX has (codes, exponents); zp's zero is a uint8 zero point; int's a float16 zero
+    scheme = "mx" if len(stats) == 1 else "zp" if stats[1].dtype == torch.uint8 else "int"
+    if scheme == "mx" or stats[0].dim() == 2:                           # per token: (slots, h_kv) or MX's (slots, h_kv, hd/block)
+        x = dequantize_rows((take(codes), *map(take, stats)), bits, scheme, dtype)   # (*slots.shape, h_kv, hd)
+    else:                                                               # KIVI keys: a block's statistics per channel (blocks, h_kv, hd)
+        at = slots // (codes.shape[0] // stats[0].shape[0])
+        x = dequantize_asym(unpack_bits(take(codes), bits), take(stats[0], at), take(stats[1], at), dtype)
     if recent and recent[0].shape[0]:                                   # KIVI: a partly filled block is a float row
         rows, row_of_block = recent                                     # (n_rows * B, h_kv, hd), (blocks,) its row or -1
         B = codes.shape[0] // row_of_block.shape[0]
@@ -92,11 +95,13 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, 
     tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc / denom)
 
 def _paged_attention_quant_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tables_ptr, lens_ptr, out_ptr, scale,
-                                  max_blocks, N_HEADS: constexpr, N_KV: constexpr, BLOCK: constexpr, P: constexpr, BITS: constexpr):
-    "The same walk over an int8/int4 pool: load a block's packed codes and per-token scale and zero, dequantise in registers."
+                                  max_blocks, N_HEADS: constexpr, N_KV: constexpr, BLOCK: constexpr, P: constexpr, BITS: constexpr,
+                                  ZP: constexpr = False, MX: constexpr = False, G: constexpr = 32, NB: constexpr = 1):
+    "The same walk over an int8/int4, zp or MX pool: load a block's packed codes and per-token statistics, dequantise in registers."
     seq, head = tl.program_id(0), tl.program_id(1)
     kv_head = head // (N_HEADS // N_KV)
     MASK: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = 1 << (BITS - 1)
     HD: tl.constexpr = P * (8 // BITS)
     d = tl.arange(0, P)                                             # byte j holds dims j (low bits) and, in int4, j + P (high bits)
     offs = tl.arange(0, BLOCK)
@@ -111,21 +116,42 @@ def _paged_attention_quant_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
         pos = j * BLOCK + offs
         row = (block * BLOCK + offs) * N_KV + kv_head               # (BLOCK,) this head's row of each slot
         live = pos < length
+        # each code's step and offset (chapter 6's _decode_attention_kernel): a token's fp16 scale and zero (ZP: -zp steps),
+        # or (MX) its block's 2^(exp - 127 - (BITS - 2)) and -HALF steps; the low codes' (0) and, in int4, the high codes' (1)
+        if MX:
+            ke0 = tl.load(ks_ptr + row[:, None] * NB + (d // G)[None, :], mask=live[:, None], other=BITS - 1).to(tl.int32)
+            ks0 = ((ke0 - (BITS - 2)) << 23).to(tl.float32, bitcast=True)                  # (BLOCK, P)
+            kz0 = -HALF * ks0
+            ve0 = tl.load(vs_ptr + row[:, None] * NB + (d // G)[None, :], mask=live[:, None], other=BITS - 1).to(tl.int32)
+            vs0 = ((ve0 - (BITS - 2)) << 23).to(tl.float32, bitcast=True)
+            vz0 = -HALF * vs0
+            ks1, kz1, vs1, vz1 = ks0, kz0, vs0, vz0
+            if BITS == 4:
+                ke1 = tl.load(ks_ptr + row[:, None] * NB + ((d + P) // G)[None, :], mask=live[:, None], other=BITS - 1).to(tl.int32)
+                ks1 = ((ke1 - (BITS - 2)) << 23).to(tl.float32, bitcast=True)
+                kz1 = -HALF * ks1
+                ve1 = tl.load(vs_ptr + row[:, None] * NB + ((d + P) // G)[None, :], mask=live[:, None], other=BITS - 1).to(tl.int32)
+                vs1 = ((ve1 - (BITS - 2)) << 23).to(tl.float32, bitcast=True)
+                vz1 = -HALF * vs1
+        else:
+            ks0 = tl.load(ks_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]   # (BLOCK, 1)
+            kz0 = tl.load(kz_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
+            vs0 = tl.load(vs_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
+            vz0 = tl.load(vz_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
+            if ZP:
+                kz0, vz0 = -kz0 * ks0, -vz0 * vs0                      # (code - zp) * scale = code * scale - zp * scale
+            ks1, kz1, vs1, vz1 = ks0, kz0, vs0, vz0                    # one scale and zero for the whole row
         kb = tl.load(kc_ptr + row[:, None] * P + d[None, :], mask=live[:, None], other=0).to(tl.int32)   # (BLOCK, P) bytes
-        ks = tl.load(ks_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]       # (BLOCK, 1)
-        kz = tl.load(kz_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
-        dots = tl.sum(((kb & MASK).to(tl.float32) * ks + kz) * q0[None, :], 1)           # (BLOCK,)
-        if BITS == 4: dots += tl.sum((((kb >> 4) & MASK).to(tl.float32) * ks + kz) * q1[None, :], 1)
+        dots = tl.sum(((kb & MASK).to(tl.float32) * ks0 + kz0) * q0[None, :], 1)         # (BLOCK,)
+        if BITS == 4: dots += tl.sum((((kb >> 4) & MASK).to(tl.float32) * ks1 + kz1) * q1[None, :], 1)
         scores = tl.where(live, dots * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 0))
         p = tl.exp(scores - m_new)                                  # (BLOCK,)
         alpha = tl.exp(m - m_new)
         denom = denom * alpha + tl.sum(p, 0)
         vb = tl.load(vc_ptr + row[:, None] * P + d[None, :], mask=live[:, None], other=0).to(tl.int32)
-        vs = tl.load(vs_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
-        vz = tl.load(vz_ptr + row, mask=live, other=0.0).to(tl.float32)[:, None]
-        acc0 = acc0 * alpha + tl.sum(p[:, None] * ((vb & MASK).to(tl.float32) * vs + vz), 0)              # (P,)
-        if BITS == 4: acc1 = acc1 * alpha + tl.sum(p[:, None] * (((vb >> 4) & MASK).to(tl.float32) * vs + vz), 0)
+        acc0 = acc0 * alpha + tl.sum(p[:, None] * ((vb & MASK).to(tl.float32) * vs0 + vz0), 0)            # (P,)
+        if BITS == 4: acc1 = acc1 * alpha + tl.sum(p[:, None] * (((vb >> 4) & MASK).to(tl.float32) * vs1 + vz1), 0)
         m = m_new
     tl.store(out_ptr + (seq * N_HEADS + head) * HD + d, acc0 / denom)
     if BITS == 4: tl.store(out_ptr + (seq * N_HEADS + head) * HD + P + d, acc1 / denom)
@@ -182,7 +208,8 @@ def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor | tuple, v_pool
     if not triton_available(q.device):
         raise RuntimeError("Triton cannot run here: it needs a CUDA device, or TRITON_INTERPRET=1 on CPU (pip install 'llm-camp[kernels]')")
     kivi = bits is not None and len(k_pool) == 5                        # (codes, scale, zero, rows, row_of_block)
-    if bits not in ((2, 4) if kivi else (None, 4, 8)): raise ValueError(f"paged attention reads float, int8, int4 or KIVI-4/2 pools, not {bits}-bit codes")
+    mx = bits is not None and len(k_pool) == 2                          # (codes, exponents)
+    if bits not in ((2, 4) if kivi else (None, 4, 8)): raise ValueError(f"paged attention reads float, int8/int4, zp, MX or KIVI-4/2 pools, not {bits}-bit codes")
     b, h, hd = q.shape
     width = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=q.device)   # (b, width)
@@ -196,7 +223,9 @@ def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor | tuple, v_pool
                                              out, 1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool[1].shape[1], BLOCK=block_size,
                                              HD=hd, BITS=bits)
     else:
-        _jit(_paged_attention_quant_kernel)[(b, h)](q.contiguous(), *[t.contiguous() for t in (*k_pool, *v_pool)], tables, lens, out,
+        planes = [pool if not mx else (*pool, pool[1]) for pool in (k_pool, v_pool)]   # MX: no zero plane (an unused pointer)
+        flags = dict(MX=True, G=mx_block(hd), NB=hd // mx_block(hd)) if mx else dict(ZP=k_pool[2].dtype == torch.uint8)
+        _jit(_paged_attention_quant_kernel)[(b, h)](q.contiguous(), *[t.contiguous() for t in (*planes[0], *planes[1])], tables, lens, out,
                                               1.0 / math.sqrt(hd), width, N_HEADS=h, N_KV=k_pool[1].shape[1], BLOCK=block_size,
-                                              P=hd * bits // 8, BITS=bits)
+                                              P=hd * bits // 8, BITS=bits, **flags)
     return out.to(q.dtype)
