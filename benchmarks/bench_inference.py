@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from course_lib.core import embedded_corpus
-from course_lib.inference import KV_SCHEMES, _run_model_folder, cache_perplexity, generate, kv_bytes_per_token, speculative_generate
+from course_lib.inference import KV_SCHEMES, run_model_folder, cache_perplexity, generate, kv_bytes_per_token, speculative_generate
 from course_lib.model import Decoder, export_hf, from_hf, get_config
 from course_lib.model import generate as generate_no_cache
 from course_lib.pretrain import TrainConfig, train, write_byte_tokens
@@ -73,7 +73,7 @@ def val_tokens(work: Path, n: int) -> torch.Tensor:
 def run_model_and_val(run: Path, n: int) -> tuple[Decoder, torch.Tensor, str]:
     "A `camp run`'s newest model (fine-tuned, else pretrained), the first n of its tokenizer's validation tokens, and a label."
     import numpy as np
-    folder = _run_model_folder(run)
+    folder = run_model_folder(run)
     if folder is None: raise SystemExit(f"no model in {run} (finetune/merged or pretrain/model)")
     tokens = run / "tokenizer" / "tokens"
     meta = json.loads((tokens / "meta.json").read_text())

@@ -6,7 +6,7 @@
 __all__ = ['CACHE_SCHEMES', 'KV_SCHEMES', 'kv_bytes_per_token', 'LayerCache', 'FPCache', 'QuantCache', 'MXCache',
            'ZeroPointCache', 'KIVICache', 'KVCache', 'Sampling', 'apply_repetition_penalty', 'next_tokens',
            'StepDecoder', 'left_pad', 'decode_steps', 'generate', 'stream', 'cache_perplexity', 'speculative_generate',
-           'compare_schemes', 'inference_stage', 'inference_demo']
+           'run_model_folder', 'compare_schemes', 'inference_stage', 'inference_demo']
 
 # %% ../nbs/06_inference.ipynb #b3a3fca5
 import codecs
@@ -539,7 +539,7 @@ def speculative_generate(target: Decoder, draft: Decoder, prompt: list[int], max
     return new, stats
 
 # %% ../nbs/06_inference.ipynb #f0cbd263
-def _run_model_folder(run_dir: Path) -> Path | None:
+def run_model_folder(run_dir: Path) -> Path | None:
     "The run's fine-tuned model if there is one, else its pretrained model (Hugging Face folders)."
     for sub in ("finetune/model", "finetune/merged", "pretrain/model"):
         if (run_dir / sub / "config.json").is_file(): return run_dir / sub
@@ -571,7 +571,7 @@ def inference_stage(ctx: RunContext) -> str:
     "Generate with every KV scheme from the run's model; report tokens/s, bytes/token and agreement with fp."
     from course_lib.model import from_hf
     out = ctx.stage_dir("inference")
-    folder = _run_model_folder(ctx.run_dir)
+    folder = run_model_folder(ctx.run_dir)
     if folder is None: return "_No model in this run (pretrain/model or finetune/model): run the pretrain stage first._\n"
     model = from_hf(folder)
     encode, decode_bytes = _text_codec(folder)
