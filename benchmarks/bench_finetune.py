@@ -161,9 +161,10 @@ def accuracy(base: str | None, steps_list: list[int], methods: list[str], n_trai
 
 def _accuracy_table(rows: list[dict]) -> str:
     "A Markdown table: one line per method and steps, each task's accuracy after (peft's beside ours)."
-    head = "| method | steps | train s | loss | self-cognition | tool call well-formed | right expression | reading EM |\n|---|---|---|---|---|---|---|---|\n"
+    head = ("| method | steps | train s | loss | self-cognition | tool call well-formed | right expression | reading EM | reading F1 |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     def cells(acc): return (f"{acc['self_cognition']['correct']:.0%} | {acc['tool_use']['well_formed']:.0%} | "
-                            f"{acc['tool_use']['correct']:.0%} | {acc['reading']['correct']:.0%}")
+                            f"{acc['tool_use']['correct']:.0%} | {acc['reading']['correct']:.0%} | {acc['reading']['f1']:.2f}")
     lines = [f"| before | 0 | | | {cells(rows[0]['before'])} |"] if rows else []
     for r in rows:
         lines.append(f"| {r['method']} (ours) | {r['steps']} | {r['train_seconds']:.0f} | {r['final_loss']:.2f} | {cells(r['after'])} |")
