@@ -3,6 +3,7 @@ parameter, and held-out accuracy of the three synthetic tasks before/after fine-
 
     python benchmarks/bench_finetune.py                       # step time, memory, bits/param (minutes)
     python benchmarks/bench_finetune.py --accuracy [--base runs/X/pretrain/model] [--acc-steps 100,300] [--methods lora,qlora]
+    python benchmarks/bench_finetune.py --copy runs/X/pretrain/model[,runs/Y/merged ...]   # can the model copy? (reading)
 
 Ours and the peer run in the same process on the same weights and batch. Peak memory is measured, not estimated:
 each variant runs in a fresh subprocess and reports its peak resident set (ru_maxrss) above the RSS it had after
@@ -159,11 +160,46 @@ def accuracy(base: str | None, steps_list: list[int], methods: list[str], n_trai
     return rows
 
 
+@torch.no_grad()
+def copy_check(folder: str, n: int = 50, seed: int = 1337) -> dict:
+    """Can a model copy from its context, as reading needs? (1) random tokens repeated: loss of the second copy vs the first
+    (an induction circuit makes the repeat nearly free); (2) a prose passage read twice; (3) held-out reading answers with
+    their own passage vs another passage (no gain: the model does not read). Losses in nats/token."""
+    import torch.nn.functional as F
+    from course_lib.core import embedded_corpus
+    from course_lib.finetune import load_tokenizer_for
+    from course_lib.model import from_hf
+    from course_lib.sft import encode_all, make_sft_sets, pack, passages
+    model, tok = from_hf(folder).eval(), load_tokenizer_for(folder)
+    def halves(x: torch.Tensor, half: int) -> tuple[float, float]:      # x (b, 2 * half): mean loss of each copy
+        nll = F.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")   # (b, 2 * half - 1)
+        return nll[:, :half - 1].mean().item(), nll[:, half:].mean().item()
+    seq = torch.randint(300, model.cfg.vocab_size, (32, 50), generator=torch.Generator().manual_seed(seed))
+    random_first, random_repeat = halves(torch.cat([seq, seq], 1), 50)
+    paras = [tok.encode(" " + t)[:64] for _, t in passages(embedded_corpus("prose", max_bytes=400_000))]
+    prose = torch.tensor([p + p for p in paras if len(p) == 64][:n])
+    prose_first, prose_second = halves(prose, 64)
+    test = make_sft_sets(n, n, seed)["reading"]["test"]
+    def answer_loss(convs) -> float:
+        b = pack(encode_all(tok, convs, model.cfg.max_seq_len)[0], model.cfg.max_seq_len, packed=False)
+        logits = model(b["x"], positions=b["positions"], segment_ids=b["segment_ids"]).float()
+        return F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), ignore_index=-100).item()
+    def with_passage_of(r, other):                                     # r's question and answer after other's passage
+        question = r["messages"][0]["content"].split("\n\n", 1)[1]
+        passage = other["messages"][0]["content"].split("\n\n", 1)[0]
+        return [{"role": "user", "content": f"{passage}\n\n{question}"}, r["messages"][1]]
+    own = answer_loss([r["messages"] for r in test])
+    other = answer_loss([with_passage_of(r, test[(i + 7) % len(test)]) for i, r in enumerate(test)])
+    return {"model": folder, "random_first": random_first, "random_repeat": random_repeat, "prose_first": prose_first,
+            "prose_second": prose_second, "answer_own_passage": own, "answer_other_passage": other}
+
+
 def _accuracy_table(rows: list[dict]) -> str:
     "A Markdown table: one line per method and steps, each task's accuracy after (peft's beside ours)."
-    head = "| method | steps | train s | loss | self-cognition | tool call well-formed | right expression | reading EM |\n|---|---|---|---|---|---|---|---|\n"
+    head = ("| method | steps | train s | loss | self-cognition | tool call well-formed | right expression | reading EM | reading F1 |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     def cells(acc): return (f"{acc['self_cognition']['correct']:.0%} | {acc['tool_use']['well_formed']:.0%} | "
-                            f"{acc['tool_use']['correct']:.0%} | {acc['reading']['correct']:.0%}")
+                            f"{acc['tool_use']['correct']:.0%} | {acc['reading']['correct']:.0%} | {acc['reading']['f1']:.2f}")
     lines = [f"| before | 0 | | | {cells(rows[0]['before'])} |"] if rows else []
     for r in rows:
         lines.append(f"| {r['method']} (ours) | {r['steps']} | {r['train_seconds']:.0f} | {r['final_loss']:.2f} | {cells(r['after'])} |")
@@ -181,6 +217,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (step time)")
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--copy", help="comma-separated model folders: the copy check (copy_check) of each")
     ap.add_argument("--base")
     ap.add_argument("--acc-steps", default="100,300")
     ap.add_argument("--methods", default="lora,qlora")
@@ -194,6 +231,12 @@ def main():
     warnings.filterwarnings("ignore")
     if a.child: _variant_child(a.child, a.mem_preset if a.preset == "cpu-1m" else a.preset, a.batch, a.seq, a.child_steps); return
     result = {"threads": torch.get_num_threads()}
+    if a.copy:
+        rows = [copy_check(f) for f in a.copy.split(",")]
+        print("| model | random tokens: 1st copy | repeat | prose: 1st reading | 2nd | reading answer: own passage | another |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in rows: print(f"| {r['model']} | " + " | ".join(f"{v:.2f}" for k, v in r.items() if k != "model") + " |")
+        print(json.dumps(result | {"copy": rows})); return
     if a.accuracy:
         rows = accuracy(a.base, [int(s) for s in a.acc_steps.split(",")], a.methods.split(","), a.n_train, a.n_test,
                         not a.no_peer, a.ft_batch, a.lr)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import embedded_corpus
+from .sft import token_f1
 
 # %% ../nbs/08_eval.ipynb #e4c0c40c
 class LM:
@@ -374,12 +375,7 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def f1_score(prediction: str, reference: str) -> float:
     "Token-level F1 of the normalised strings (SQuAD): 'the cat sat' vs 'cat sat down' -> 0.8."
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref: return float(pred == ref)
-    if common == 0: return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return token_f1(normalize_answer(prediction).split(), normalize_answer(reference).split())
 
 # %% ../nbs/08_eval.ipynb #d97e2de1
 def rotations(item: dict) -> list[dict]:

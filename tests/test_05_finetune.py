@@ -76,7 +76,9 @@ def test_score_rules():
     assert score_reply(tool, "42") == {"well_formed": False, "correct": False}
     me = {"task": "self_cognition", "expect": {"name": "Camper", "maker": "LLM Camp"}}
     assert score_reply(me, "I am Camper, an assistant made by LLM Camp.")["correct"] and not score_reply(me, "I am Camper.")["correct"]
-    assert score_reply({"task": "reading", "expect": {"answer": "the cat"}}, " the cat ")["correct"]
+    reading = {"task": "reading", "expect": {"answer": "on the mat"}}
+    assert score_reply(reading, " On the mat.") == {"correct": 1.0, "f1": 1.0}                 # normalize_span: case, space, end mark
+    assert score_reply(reading, "the mat") == {"correct": 0.0, "f1": pytest.approx(0.8)}
 
 
 def test_sft_runs_through_chapter4_train(base, tmp_path):
@@ -198,7 +200,7 @@ def test_a_model_that_is_always_right_scores_every_task_in_full():
     "evaluate_tasks gives each task room for its longest reference reply (a byte-level tool call is ~80 tokens)."
     from course_lib.finetune import evaluate_tasks
     tok = byte_tok()
-    text = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(30)) for p in range(20))   # every passage and cue distinct
+    text = "\n\n".join(" ".join(f"w{p}x{i}" + ("," if i % 5 == 4 else "") for i in range(30)) + "." for p in range(20))   # cues distinct
     records = [r for s in make_sft_sets(20, 6, seed=2, records=[{"id": "d", "text": text}]).values() for r in s["test"]]
     answers = {}
     for r in records:
@@ -208,5 +210,5 @@ def test_a_model_that_is_always_right_scores_every_task_in_full():
     assert max(map(len, answers.values())) > 64                     # longer than a fixed reply budget would allow
     test = {t: [r for r in records if r["task"] == t] for t in ("self_cognition", "tool_use", "reading")}
     scores = evaluate_tasks(Parrot(answers, tok.vocab_size), tok, test)
-    assert scores == {"self_cognition": {"correct": 1.0}, "tool_use": {"well_formed": 1.0, "correct": 1.0}, "reading": {"correct": 1.0}}
+    assert scores == {"self_cognition": {"correct": 1.0}, "tool_use": {"well_formed": 1.0, "correct": 1.0}, "reading": {"correct": 1.0, "f1": 1.0}}
     with pytest.raises(ValueError, match="no held-out records"): evaluate_tasks(Parrot(answers, tok.vocab_size), tok, {"reading": []})

@@ -11,6 +11,7 @@ from course_lib.pretrain import BatchSource
 from course_lib.sft import (IGNORE, TASKS, SFTBatches, ToolCallError, calculate, check_conversation, encode_all,
                             encode_conversation, format_tool_call, make_sft_sets, model_inputs, pack, parse_tool_calls,
                             read_conversations, sft_loss, write_sft_sets)
+from course_lib.sft import answer_spans, normalize_span, reading_set, span_scores
 from course_lib.tokenizer import DEFAULT_SPECIALS, Tokenizer, render_chat
 
 
@@ -170,7 +171,8 @@ def test_sets_held_out_and_well_formed(tmp_path):
         (call,) = parse_tool_calls(c["messages"][1]["content"])
         assert call["name"] == "calculator" and calculate(call["arguments"]["expression"]) == c["expect"]["result"]
     for c in sets["reading"]["test"]:
-        assert c["expect"]["answer"] in c["messages"][0]["content"]
+        passage = c["messages"][0]["content"].split("\n\n")[0]
+        assert f'{c["expect"]["cue"]} {c["expect"]["answer"]}' in passage and f'"{c["expect"]["cue"]}"' in c["messages"][0]["content"]
     assert {c["expect"]["passage"] for c in sets["reading"]["test"]}.isdisjoint({c["expect"]["passage"] for c in sets["reading"]["train"]})
     zh = [c for c in sets["self_cognition"]["train"] if any("\u4e00" <= ch <= "\u9fff" for ch in c["messages"][0]["content"])]
     assert zh and all("Camper" in c["messages"][1]["content"] for c in zh)
@@ -207,3 +209,33 @@ def test_sft_batches_are_a_batch_source(tok):
     assert len(list(source.val_batches(2, 5, "cpu"))) == 1
     with pytest.raises(ValueError, match="more than seq_len"): SFTBatches(examples, 20, examples, 300, 0)
     with pytest.raises(ValueError, match="held-out"): SFTBatches(examples, 200, [], 300, 0)
+
+
+def test_reading_answer_is_the_rest_of_the_clause_by_hand():
+    "Worked by hand: each cue of 3 plain words that occurs once, and the words after it up to the first clause mark."
+    text = "The cat sat on the mat, and then it slept. It slept well."
+    assert answer_spans(text, cue_words=3) == [("The cat sat", "on the mat"), ("cat sat on", "the mat"), ("sat on the", "mat"),
+                                               ("and then it", "slept")]             # no cue holds a mark ('the mat, and')
+    assert answer_spans("A b c d e f g h i j k l", cue_words=3) == []                 # no clause mark: where to stop is not decided
+    assert answer_spans("One two three four five six seven eight nine.", cue_words=3, max_words=5) == [   # 'One two three': 6 words
+        ("two three four", "five six seven eight nine"), ("three four five", "six seven eight nine"),
+        ("four five six", "seven eight nine"), ("five six seven", "eight nine"), ("six seven eight", "nine")]
+    assert answer_spans('Say "a b" to c d e f, then.', cue_words=2) == [("to c", "d e f"), ("c d", "e f"), ("d e", "f")]   # quoted words: no cue
+
+
+def test_reading_split_keeps_test_passages_out_of_training():
+    paras = [(f"doc#{k}", f"Passage number {k} says that word {k} comes first, and then other words follow it.") for k in range(60)]
+    train, test = reading_set(paras, 200, seed=1), reading_set(paras, 50, seed=2, split="val")
+    train_ids, test_ids = {c["expect"]["passage"] for c in train}, {c["expect"]["passage"] for c in test}
+    assert test_ids and train_ids.isdisjoint(test_ids)
+    train_text = " ".join(c["messages"][0]["content"] for c in train)
+    assert not any(c["messages"][0]["content"].split("\n\n")[0] in train_text for c in test)   # no test passage leaks, verbatim
+    with pytest.raises(ValueError, match="no passages"): reading_set([("x#0", "no clause mark here at all in these words")], 1)
+
+
+def test_span_scores_by_hand():
+    assert normalize_span("  On the\n mat. ") == "on the mat" and normalize_span('"mat",') == "mat"
+    assert span_scores("On the mat.", "on the mat") == {"em": 1.0, "f1": 1.0}
+    assert span_scores("the mat", "on the mat") == {"em": 0.0, "f1": pytest.approx(0.8)}      # 2 common: P = 1, R = 2/3
+    assert span_scores("on a mat", "on the mat") == {"em": 0.0, "f1": pytest.approx(2 / 3)}   # no article dropping, unlike SQuAD
+    assert span_scores("", "mat") == {"em": 0.0, "f1": 0.0}

@@ -183,10 +183,13 @@ def test_scripted_model_that_runs_out_says_so():
     with pytest.raises(RuntimeError, match="ran out of replies after 1 turns"): m.chat([])
 
 
+PASSAGES = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(30)) + "." for p in range(20))   # clauses the reading set can ask about
+
+
 def test_tool_use_success_and_the_held_out_set():
     cases = held_out_arithmetic(16, 4, seed=1337)
     from course_lib.sft import make_sft_sets
-    ref = make_sft_sets(16, 4, seed=1337, records=[{"id": "d", "text": ("word " * 30 + "\n\n") * 20}])["tool_use"]["test"]
+    ref = make_sft_sets(16, 4, seed=1337, records=[{"id": "d", "text": PASSAGES}])["tool_use"]["test"]
     assert cases == ref
     assert agent_success(lambda: ScriptedModel(calculator_policy()), cases)["success"] == 1.0
     e = cases[0]["expect"]
