@@ -16,7 +16,7 @@ REFERENCES = ["course_lib.tokenizer.count_pretokens", "course_lib.tokenizer.pair
 PIECES = ["a", "b", "ab", "the", " the", " ", "  ", "\n", "\t", "'s", "'ll", "1", "42", "!", "?!", ",", "é", "你", "好", "🙂",
           "<|endoftext|>", "<|end", "|>", "<|im_start|>"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|end"]
-TIME_MULTIPLE, TIME_SLACK_S = 30, 2.0   # stated in the notebook: within 30x the reference's time, plus 2 s
+TIME_MULTIPLE, TIME_SLACK_S = 30, 0.5   # stated in the notebook: within 30x the reference's time, plus 0.5 s
 
 
 def _texts(rng, count, max_pieces=40):
