@@ -20,8 +20,8 @@ Decisions:
 # %% auto #0
 __all__ = ['TOOL_CALL_RE', 'AsyncEngine', 'render_tools', 'format_tool_call', 'parse_tool_calls', 'chat_prompt', 'FunctionCall',
            'ToolCall', 'FunctionSpec', 'Tool', 'ChatMessage', 'CompletionRequest', 'ChatRequest', 'APIError',
-           'Detokenizer', 'create_app', 'completion_logprobs', 'load_for_serving', 'serve_in_thread', 'serve',
-           'serve_stage', 'serve_chat_demo']
+           'Detokenizer', 'BearerAuth', 'create_app', 'completion_logprobs', 'load_for_serving', 'serve_in_thread',
+           'serve', 'serve_stage', 'serve_chat_demo']
 
 # %% ../nbs/07b_server.ipynb #bcafa39a
 import asyncio
@@ -296,6 +296,21 @@ def _stop_ids(tokenizer: Tokenizer, eos_ids: list[int]) -> tuple[int, ...]:
     specials = [tokenizer.special_tokens[s] for s in ("<|im_end|>", EOT) if s in tokenizer.special_tokens]
     return tuple(dict.fromkeys([*eos_ids, *specials]))
 
+class BearerAuth:
+    "ASGI middleware: every /v1/ request must carry `Authorization: Bearer <api_key>`, else a 401 in OpenAI's error shape."
+    # subtle: a plain ASGI class, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware passes every chunk of a
+    # streamed response through a memory stream and a task group, about a tenth of the server's CPU per streamed token
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            problem = ("missing API key: send 'Authorization: Bearer KEY'" if not header.startswith("Bearer ") else
+                       "wrong API key" if header.removeprefix("Bearer ").strip() != self.api_key else None)
+            if problem: return await _error(401, problem, "authentication_error", code="invalid_api_key")(scope, receive, send)
+        await self.app(scope, receive, send)
+
 def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp", api_key: str | None = None,
                eos_ids: list[int] = ()) -> FastAPI:
     "The OpenAI-compatible app over `engine`; `app.state.engine` is its AsyncEngine."
@@ -319,15 +334,7 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "camp"
     async def _api_error(request: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer "):
-                return _error(401, "missing API key: send 'Authorization: Bearer KEY'", "authentication_error", code="invalid_api_key")
-            if header.removeprefix("Bearer ").strip() != api_key:
-                return _error(401, "wrong API key", "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key: app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict: return {"status": "ok"}
