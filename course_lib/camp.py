@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-blocks", type=int, default=256, help="KV-cache blocks in the pool")
     sv.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sv.add_argument("--no-prefix-caching", action="store_true", help="turn off reuse of cached prompt prefixes")
-    from .inference import KV_SCHEMES                                   # chapter 6's schemes, all of which the paged pool stores
+    from course_lib.inference import KV_SCHEMES                             # chapter 6's schemes, all of which the paged pool stores
     sv.add_argument("--kv-scheme", default="fp", choices=KV_SCHEMES,
                     help="how the KV pool stores keys and values (chapter 6's schemes; kivi: keys per channel over each block)")
     sv.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",

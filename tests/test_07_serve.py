@@ -107,6 +107,18 @@ def test_detokenizer_pieces_join_to_the_whole_decode(ids):
     assert "".join(pieces) + detok.flush() == bytes(ids).decode("utf-8", errors="replace")
 
 
+def run_in_own_thread(main, timeout: float, hung: str):
+    "asyncio.run(main()) in a fresh thread, which owns its own loop: it works even when a plugin (anyio, pytest-asyncio) left a loop running in this one."
+    box = {}
+    def target():
+        try: box["result"] = asyncio.run(main())
+        except BaseException as e: box["error"] = e
+    t = threading.Thread(target=target, daemon=True); t.start(); t.join(timeout)
+    assert not t.is_alive(), hung
+    if "error" in box: raise box["error"]
+    return box["result"]
+
+
 def test_a_slow_reader_gets_every_token_since_its_last_read_at_once(server):
     "AsyncEngine.stream hands a reader that fell behind all outputs waiting for it in one list; nothing lost or reordered."
     tok = server["tok"]
@@ -120,7 +132,7 @@ def test_a_slow_reader_gets_every_token_since_its_last_read_at_once(server):
             batches.append(outs)
             await asyncio.sleep(0.3)                                    # the engine runs on while this reader sleeps
         return batches
-    batches = asyncio.run(read())
+    batches = run_in_own_thread(read, 120, "the slow reader hung")
     assert [o.token for outs in batches for o in outs if o.token is not None] == want
     assert max(len(outs) for outs in batches) > 1 and batches[-1][-1].finished
     _assert_no_leak(server["engine"])
@@ -214,14 +226,7 @@ def test_64_concurrent_streaming_clients(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
         return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), timeout=120)
-    box = {}
-    def client_thread():                          # a fresh thread owns its own loop, so asyncio.run works even when
-        try: box["results"] = asyncio.run(main()) # a plugin (anyio, pytest-asyncio) left a loop running in this thread
-        except BaseException as e: box["error"] = e
-    t = threading.Thread(target=client_thread, daemon=True); t.start(); t.join(180)
-    assert not t.is_alive(), "the 64 clients hung"
-    if "error" in box: raise box["error"]
-    results = box["results"]
+    results = run_in_own_thread(main, 180, "the 64 clients hung")
     assert len(results) == 64 and all(r and r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
     assert server["engine"].metrics()["generated_tokens"] >= 64
     _assert_no_leak(server["engine"])
