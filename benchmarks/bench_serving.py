@@ -41,25 +41,17 @@ import uvicorn
 from course_lib.engine import EngineConfig, LLMEngine, PagedKVCache, SamplingParams
 from course_lib.inference import KV_SCHEMES
 from course_lib.model import Decoder, get_config
-from course_lib.serve import create_app
+from course_lib.serve import create_app, tune_malloc
 from course_lib.tokenizer import Tokenizer
 
 
-def start_server(model, tokenizer, **engine_args):
-    "Serve on a free loopback port in a thread; returns (url, engine, stop function)."
+def start_server(model, tokenizer, engine_process=True, **engine_args):
+    "Serve on a free loopback port in a thread, the engine in a process of its own or on a thread; returns (url, stop function)."
     engine = LLMEngine(model, EngineConfig(**engine_args))
-    peak = {"blocks": 0, "partial": 0}
-    step, bs = engine.step, engine.bm.block_size
-    def tracked():                                                      # record the pool's peak use
-        out = step(); peak["blocks"] = max(peak["blocks"], engine.bm.num_used)
-        # partly filled blocks: what a KIVI pool keeps in float rows
-        partial = {s.block_table[s.num_computed // bs] for s in engine.scheduler.running if s.num_computed % bs}
-        peak["partial"] = max(peak["partial"], len(partial)); return out
-    engine.step, engine.peak = tracked, peak
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    app = create_app(engine, tokenizer, "bench", engine_process=engine_process)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True); thread.start()
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -68,7 +60,26 @@ def start_server(model, tokenizer, **engine_args):
         except httpx.HTTPError: time.sleep(0.05)
     def stop():
         server.should_exit = True; thread.join(timeout=10)
-    return url, engine, stop
+    return url, stop
+
+
+def server_counters(url, engine_process):
+    "(generated tokens, engine steps, CPU seconds of the server's processes: this one, plus the engine's if it has its own)."
+    m = httpx.get(url + "/metrics").json()
+    return m["generated_tokens"], m["steps"], time.process_time() + (m["engine_process_cpu_s"] if engine_process else 0.0)
+
+
+def peak_use(model, requests, concurrency, kv_scheme):
+    "The pool's peak blocks (and partly filled blocks: KIVI's float rows) serving `requests` with up to `concurrency` at once."
+    engine = LLMEngine(model, EngineConfig(num_blocks=1024, block_size=16, max_num_seqs=concurrency, max_num_batched_tokens=1024,
+                                           enable_prefix_caching=False, kv_scheme=kv_scheme))
+    peak, bs = {"blocks": 0, "partial": 0}, engine.bm.block_size
+    for prompt, n in requests: engine.add_request(prompt, SamplingParams(max_tokens=n))
+    while engine.has_unfinished():
+        engine.step(); peak["blocks"] = max(peak["blocks"], engine.bm.num_used)
+        partial = {s.block_table[s.num_computed // bs] for s in engine.scheduler.running if s.num_computed % bs}
+        peak["partial"] = max(peak["partial"], len(partial))
+    return peak, engine.cache.nbytes // engine.bm.num_blocks
 
 
 def peak_bytes_by_scheme(model, peak: dict) -> dict:
@@ -148,11 +159,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="runs per load level; the median tokens/s is reported")
     ap.add_argument("--kv-scheme", default="fp", choices=KV_SCHEMES, help="how the KV pool stores K/V (chapter 6's schemes)")
     ap.add_argument("--mix", default="short,chat", help=f"request mixes, comma-separated: {', '.join(MIXES)}")
+    ap.add_argument("--engine", default="process", choices=["process", "thread"],
+                    help="where the server's engine steps: a process of its own (as `camp serve` and vLLM run it) or a thread of the server's")
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the load generator runs: its own process, or a thread of the server's (one GIL for both)")
     args = ap.parse_args()
     load = LoadGenerator(separate_process=args.client == "process")
     if args.threads: torch.set_num_threads(args.threads)
+    tune_malloc()                                                       # as the engine process does: the in-process lines measure the same engine
     torch.manual_seed(0); rng = random.Random(0)
     cfg = get_config("cpu-1m", vocab_size=256, max_seq_len=1024)
     model = Decoder(cfg).to(args.device).eval()
@@ -161,27 +175,27 @@ def main():
     if unknown := set(mixes) - set(MIXES): raise SystemExit(f"unknown request mix {unknown}; mixes: {', '.join(MIXES)}")
     # the same requests for both modes: drawn once per (mix, level)
     requests = {(mix, c): make_requests(rng, mix, max(8, min(2 * c, 64))) for mix in mixes for c in levels}
-    result = {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats, "client": args.client,
+    in_process = args.engine == "process"
+    result = {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats, "client": args.client, "engine": args.engine,
               "load_average_before": os.getloadavg()[0]}
     print(f"model cpu-1m shape, context 1024, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"KV {args.kv_scheme}, repeats {args.repeats}, clients in a {args.client}, load average {os.getloadavg()[0]:.1f}")
+          f"KV {args.kv_scheme}, repeats {args.repeats}, engine in a {args.engine}, clients in a {args.client}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'mix':<7}{'mode':<22}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}"
           f"{'passes':>8}{'tok/event':>10}{'CPU/tok':>8}")
     print("(ms; passes = engine steps; ITL = gap between SSE events; CPU/tok = the server process's CPU time per generated "
-          "token in µs, all its threads: less moved by other load on the machine than wall-clock figures)")
+          "token in µs, all its threads and the engine's process: less moved by other load on the machine than wall-clock figures)")
     for mode, max_seqs in (("continuous batching", 64), ("one at a time", 1)):
-        url, engine, stop = start_server(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
+        url, stop = start_server(model, tokenizer, in_process, num_blocks=1024, block_size=16, max_num_seqs=max_seqs,
                                          max_num_batched_tokens=1024, enable_prefix_caching=False, kv_scheme=args.kv_scheme)
         load.run(url, [([1] * 32, 8)] * 2, 2)                          # warm up
         for mix in mixes:
             for c in levels:
                 runs = []
                 for _ in range(args.repeats):                           # the same requests each time
-                    before, steps_before, cpu = engine.stats["generated_tokens"], engine.stats["steps"], time.process_time()
+                    before = server_counters(url, in_process)
                     wall, ttft, itl, events = load.run(url, requests[mix, c], c)
-                    tokens = engine.stats["generated_tokens"] - before
-                    runs.append((tokens / wall, ttft, itl, engine.stats["steps"] - steps_before, tokens / events,
-                                 (time.process_time() - cpu) / tokens * 1e6))
+                    tokens, steps, cpu = (b - a for a, b in zip(before, server_counters(url, in_process)))
+                    runs.append((tokens / wall, ttft, itl, steps, tokens / events, cpu / tokens * 1e6))
                 tps, ttft, itl, steps, per_event, cpu_us = sorted(runs, key=lambda r: r[0])[len(runs) // 2]   # the median run by tokens/s
                 print(f"{mix:<7}{mode:<22}{c:>5}{len(requests[mix, c]):>6}{tps:>9.0f}{pct(ttft, 50):>10.1f}{pct(ttft, 95):>10.1f}"
                       f"{pct(itl, 50):>9.1f}{pct(itl, 95):>9.1f}{steps:>8}{per_event:>10.2f}{cpu_us:>8.0f}")
@@ -189,14 +203,6 @@ def main():
                     "tokens_per_s": round(tps, 1), "ttft_p50_ms": round(pct(ttft, 50), 1), "ttft_p95_ms": round(pct(ttft, 95), 1),
                     "itl_p50_ms": round(pct(itl, 50), 2), "itl_p95_ms": round(pct(itl, 95), 2), "steps": steps,
                     "tokens_per_event": round(per_event, 2), "server_cpu_us_per_token": round(cpu_us)}
-                if mode == "continuous batching" and c == max(levels) and mix == mixes[0]:
-                    block_bytes = engine.cache.nbytes // engine.bm.num_blocks
-                    paged = engine.peak["blocks"] * block_bytes
-                    contiguous = c * cfg.max_seq_len * block_bytes // engine.bm.block_size
-                    result["memory"] = {"mix": mix, "concurrency": c, "paged_peak_bytes": paged, "contiguous_bytes": contiguous,
-                                        "ratio": round(contiguous / paged, 2), "peak_blocks": engine.peak["blocks"],
-                                        "peak_partial_blocks": engine.peak["partial"],
-                                        "peak_bytes_by_scheme": peak_bytes_by_scheme(model, engine.peak)}
         stop()
     result["speedup"] = {mix: {c: round(result["levels"][mix]["continuous batching"][c]["tokens_per_s"] /
                                         result["levels"][mix]["one at a time"][c]["tokens_per_s"], 2) for c in levels} for mix in mixes}
@@ -231,7 +237,13 @@ def main():
     print(f"decode step alone (CPU time): {step_ms[1]:.2f} ms at batch 1, {step_ms[c]:.2f} ms at batch {c} "
           f"({c * step_ms[1] / step_ms[c]:.2f}x the tokens/s)")
     result["decode_step_ms"] = {b: round(v, 2) for b, v in step_ms.items()}
-    m = result.get("memory")
+    c, mix = max(levels), mixes[0]                                      # memory: the pool's peak at the highest level, counted
+    peak, block_bytes = peak_use(model, requests[mix, c], c, args.kv_scheme)
+    contiguous = c * cfg.max_seq_len * block_bytes // 16
+    result["memory"] = {"mix": mix, "concurrency": c, "paged_peak_bytes": peak["blocks"] * block_bytes, "contiguous_bytes": contiguous,
+                        "ratio": round(contiguous / (peak["blocks"] * block_bytes), 2), "peak_blocks": peak["blocks"],
+                        "peak_partial_blocks": peak["partial"], "peak_bytes_by_scheme": peak_bytes_by_scheme(model, peak)}
+    m = result["memory"]
     if m: print(f"KV memory at {m['concurrency']} concurrent: paged peak {m['paged_peak_bytes'] / 2**20:.1f} MiB, contiguous "
                 f"max-length {m['contiguous_bytes'] / 2**20:.1f} MiB ({m['ratio']}x)")
     if m:
@@ -243,7 +255,7 @@ def main():
     prompts = [system + [rng.randrange(256) for _ in range(16)] for _ in range(args.prefix_requests + 1)]
     ttfts = {}
     for name, on in (("prefix caching on", True), ("prefix caching off", False)):
-        url, engine, stop = start_server(model, tokenizer, num_blocks=512, block_size=16, max_num_seqs=16,
+        url, stop = start_server(model, tokenizer, in_process, num_blocks=512, block_size=16, max_num_seqs=16,
                                          max_num_batched_tokens=1024, enable_prefix_caching=on, kv_scheme=args.kv_scheme)
         load.run(url, [(prompts[0], 2)], 1)                             # the first request fills the cache
         _, ttft, _, _ = load.run(url, [(p, 2) for p in prompts[1:]], 1)

@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="how the KV pool stores keys and values (chapter 6's schemes; kivi: keys per channel over each block)")
     sv.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
                     help="serve a LoRA adapter folder (peft layout) as model NAME; repeatable")
+    sv.add_argument("--engine-thread", action="store_true",
+                    help="step the engine on a thread of the server's process instead of a process of its own (one GIL for both)")
     ev = sub.add_parser("eval", help="evaluate models on tasks from a JSON config into one leaderboard (chapter 8)")
     ev.add_argument("config", help="JSON: {models: [...], tasks: [...], niah: {...}, out: FOLDER}")
     ev.add_argument("--out", help="report folder (default: the config's 'out', else runs/eval)")
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             bad = [spec for spec in args.lora if "=" not in spec]
             if bad: raise SystemExit(f"[camp] --lora takes NAME=FOLDER, got {bad[0]!r}")
             serve(args.model_dir, args.host, args.port, args.api_key, args.model_name,
-                  lora=dict(spec.split("=", 1) for spec in args.lora) or None, num_blocks=args.num_blocks,
+                  lora=dict(spec.split("=", 1) for spec in args.lora) or None, engine_process=not args.engine_thread, num_blocks=args.num_blocks,
                   block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching, kv_scheme=args.kv_scheme)
         elif args.command == "assign":
             from course_lib.grading import assign

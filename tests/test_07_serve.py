@@ -217,17 +217,23 @@ def test_metrics_and_openapi(server):
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"} <= set(schema["paths"])
 
 
-def test_64_concurrent_streaming_clients(server):
-    "Bounded load: 64 streaming chats at once on loopback finish with no error and no hang."
+def concurrent_streaming_chats(url: str, api_key: str, count: int) -> list:
+    "`count` streaming chats at once through the openai client, each a list of its chunks; fails if they hang."
     async def one(client, i):
         stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"hi {i}"}],
                                                       max_tokens=8, temperature=0, stream=True)
         return [c async for c in stream]
     async def main():
-        client = openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), timeout=120)
-    results = run_in_own_thread(main, 180, "the 64 clients hung")
-    assert len(results) == 64 and all(r and r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(count))), timeout=120)
+    results = run_in_own_thread(main, 180, f"the {count} clients hung")
+    assert len(results) == count and all(r and r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+    return results
+
+
+def test_64_concurrent_streaming_clients(server):
+    "Bounded load: 64 streaming chats at once on loopback finish with no error and no hang."
+    concurrent_streaming_chats(server["url"], KEY, 64)
     assert server["engine"].metrics()["generated_tokens"] >= 64
     _assert_no_leak(server["engine"])
 
