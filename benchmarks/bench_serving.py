@@ -18,10 +18,10 @@ byte-level tokens, no stop tokens, so every request runs to its max_tokens. The 
 clients) runs in a process of its own, as vLLM's and LMDeploy's serving benchmarks run theirs, so it does not share
 the server's GIL (`--client thread` puts it back in the server's process).
 
-    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--mix short,chat] [--repeats 3] [--kv-scheme fp]
+    python benchmarks/bench_serving.py [--levels 1,4,16,64] [--mix short,chat] [--repeats 3] [--kv-scheme fp] [--out nbs/images/serving]
 With --repeats R each load level runs R times and the table shows the median tokens/s (and the load average
 of the machine before and after, since wall-clock figures on a shared machine move with it).
-Prints tables, then one line of JSON.
+Prints tables, then one line of JSON; with --out, writes OUT.json and OUT.png (throughput and TTFT against concurrency).
 """
 import argparse
 import asyncio
@@ -32,6 +32,7 @@ import random
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -147,6 +148,24 @@ def make_requests(rng, mix, count):
     return [([rng.randrange(256) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi)) for _ in range(count)]
 
 
+def plot(result: dict, png: Path):
+    "Generated tokens/s and median TTFT against concurrent clients, each mix in each mode."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.6)); tput, ttft = fig.subplots(1, 2)
+    for color, (mix, modes) in enumerate(result["levels"].items()):
+        for mode, by_level in modes.items():
+            levels = sorted(by_level)
+            style = dict(marker="o", color=f"C{color}", ls="-" if mode == "continuous batching" else "--", label=f"{mix}, {mode}")
+            tput.plot(levels, [by_level[c]["tokens_per_s"] for c in levels], **style)
+            ttft.plot(levels, [by_level[c]["ttft_p50_ms"] for c in levels], **style)
+    for ax, label in ((tput, "generated tokens/s"), (ttft, "time to first token, p50 (ms)")):
+        ax.set_xscale("log", base=2); ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent streaming clients"); ax.set_ylabel(label); ax.grid(alpha=0.3)
+    ttft.set_yscale("log"); tput.legend(fontsize=7)
+    fig.suptitle(f"Serving over HTTP: continuous batching vs one request at a time (engine in a {result['engine']})", fontsize=9)
+    fig.tight_layout(); fig.savefig(png, dpi=110)
+
+
 def pct(values, q): return float(np.percentile(values, q) * 1000) if values else float("nan")
 
 
@@ -163,6 +182,7 @@ def main():
                     help="where the server's engine steps: a process of its own (as `camp serve` and vLLM run it) or a thread of the server's")
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the load generator runs: its own process, or a thread of the server's (one GIL for both)")
+    ap.add_argument("--out", help="writes OUT.json and OUT.png, e.g. nbs/images/serving")
     args = ap.parse_args()
     load = LoadGenerator(separate_process=args.client == "process")
     if args.threads: torch.set_num_threads(args.threads)
@@ -266,6 +286,10 @@ def main():
     load.close()
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
+    if args.out:
+        out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        plot(result, out.with_suffix(".png")); print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
