@@ -295,7 +295,8 @@ def merge_section(old: str, result: dict, kind: str) -> str:
     if not kept: return new
     heading, table = new.split("\n\n", 1)
     lines = table.splitlines()
-    old_heading = next((l for l in old.splitlines() if l.startswith("Measured ")), "Measured earlier.").rstrip(".")
+    # subtle: the old heading is the whole paragraph above the table (hand-edited ones wrap over several lines)
+    old_heading = " ".join(old.split("\n|", 1)[0].split()).rstrip(".") or "Measured earlier"
     rows = sorted(kept + lines[2:], key=lambda l: l.split("`")[1])
     return (f"{old_heading}; re-timed {heading.removeprefix('Measured ').rstrip('.')}: {', '.join(sorted(timed))}.\n\n"
             + "\n".join(lines[:2] + rows) + "\n")

@@ -672,9 +672,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_
     model, tokenizer, eos = load_for_serving(model_dir)
     engine = LLMEngine(model, EngineConfig(**engine_args), adapters=lora)
     app = create_app(engine, tokenizer, model_name or Path(model_dir).resolve().name, api_key, eos, engine_process)
-    where = "a process of its own" if engine_process else "a thread"
+    where = "in a process of its own" if engine_process else "on a thread"
     print(f"[camp] serving {model_dir} on http://{host}:{port}/v1 ({engine.bm.num_blocks} KV blocks of {engine.bm.block_size}; "
-          f"the engine on {where})", flush=True)
+          f"the engine {where})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 # %% ../nbs/07b_server.ipynb #39c25961
