@@ -3,6 +3,8 @@
 1. Continuous batching vs one request at a time (the same server with max_num_seqs=1) at 1, 4, 16 and 64
    concurrent streaming clients: generated tokens/s and percentiles of time to first token (TTFT) and of the gap
    between SSE events (ITL; a client that falls behind gets several tokens per event, so tokens/event is printed too).
+   Each level sends 8 requests per client (at most 128; --per-client, --max-requests), so most of a run is spent at
+   that concurrency rather than draining its last, longest requests; --seed draws another set of requests.
    Two request mixes, the same requests for both modes: "short" (prompts 16-128 tokens, outputs 16-48: prompts
    dominate) and "chat" (prompts 16-128, outputs 48-240: outputs twice the prompt on average, as in chat logs).
 2. Prefix caching on vs off: requests that share a 512-token system prompt, one at a time; TTFT.
@@ -183,18 +185,22 @@ def main():
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the load generator runs: its own process, or a thread of the server's (one GIL for both)")
     ap.add_argument("--out", help="writes OUT.json and OUT.png, e.g. nbs/images/serving")
+    ap.add_argument("--per-client", type=int, default=8, help="requests per concurrent client at each level (at least 8 in all)")
+    ap.add_argument("--max-requests", type=int, default=128, help="at most this many requests at a level")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the request draw")
     args = ap.parse_args()
     load = LoadGenerator(separate_process=args.client == "process")
     if args.threads: torch.set_num_threads(args.threads)
     tune_malloc()                                                       # as the engine process does: the in-process lines measure the same engine
-    torch.manual_seed(0); rng = random.Random(0)
+    torch.manual_seed(0); rng = random.Random(args.seed)
     cfg = get_config("cpu-1m", vocab_size=256, max_seq_len=1024)
     model = Decoder(cfg).to(args.device).eval()
     tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [])    # bytes; no special tokens, so no early stops
     levels, mixes = [int(x) for x in args.levels.split(",")], args.mix.split(",")
     if unknown := set(mixes) - set(MIXES): raise SystemExit(f"unknown request mix {unknown}; mixes: {', '.join(MIXES)}")
     # the same requests for both modes: drawn once per (mix, level)
-    requests = {(mix, c): make_requests(rng, mix, max(8, min(2 * c, 64))) for mix in mixes for c in levels}
+    # subtle: enough requests per client that most of a run is spent at the level's concurrency, not draining its last ones
+    requests = {(mix, c): make_requests(rng, mix, max(8, min(args.per_client * c, args.max_requests))) for mix in mixes for c in levels}
     in_process = args.engine == "process"
     result = {"levels": {}, "kv_scheme": args.kv_scheme, "repeats": args.repeats, "client": args.client, "engine": args.engine,
               "load_average_before": os.getloadavg()[0]}
