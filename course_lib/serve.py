@@ -67,6 +67,11 @@ class EngineCore:
         elif key in self.live: self.engine.abort(self._forget(key))
         return []
 
+    def turn(self, commands: list[tuple]) -> list[tuple[int, object]]:
+        "One turn of the engine's loop: the commands that came in, then a step if any request is unfinished; the replies."
+        replies = [reply for command in commands for reply in self.handle(command)]
+        return replies + self.step() if self.engine.has_unfinished() else replies
+
     def step(self) -> list[tuple[int, object]]:
         "One engine step; (key, StepOutput) for each token, or (key, error) for every request if the step failed."
         try: outputs = self.engine.step()
@@ -110,12 +115,11 @@ def _engine_process(engine: LLMEngine, conn, torch_threads: int):
     core = EngineCore(engine)
     try:
         while True:
-            replies, timeout = [], 0 if engine.has_unfinished() else None   # idle: sleep until a command comes
+            commands, timeout = [], 0 if engine.has_unfinished() else None   # idle: sleep until a command comes
             while conn.poll(timeout):
                 if (command := conn.recv()) is None: return             # shutdown
-                replies += core.handle(command); timeout = 0
-            if engine.has_unfinished(): replies += core.step()
-            if replies: conn.send(replies)
+                commands.append(command); timeout = 0
+            if replies := core.turn(commands): conn.send(replies)
     except (EOFError, BrokenPipeError, KeyboardInterrupt): return       # the server went away (or Ctrl-C): nothing left to serve
 
 class AsyncEngine:
@@ -154,13 +158,10 @@ class AsyncEngine:
         "The engine thread: commands between steps, a step, its replies to their event loops."
         core = EngineCore(self.engine)
         while not self._stopped:
-            replies = []
-            while True:
-                try: replies += core.handle(self._commands.get_nowait())
-                except queue.Empty: break
-            if self.engine.has_unfinished(): replies += core.step()
-            elif not replies: self._wake.wait(0.05); self._wake.clear()
-            if replies: self._deliver(replies)
+            commands = []
+            while not self._commands.empty(): commands.append(self._commands.get_nowait())   # only this thread takes
+            if replies := core.turn(commands): self._deliver(replies)
+            elif not self.engine.has_unfinished(): self._wake.wait(0.05); self._wake.clear()
 
     def _read_replies(self):
         "The server's reader of the engine process's messages; if the process dies, every request waiting fails with the reason."
@@ -174,7 +175,6 @@ class AsyncEngine:
 
     def _send(self, command: tuple):
         if self.failure: raise RuntimeError(self.failure)
-        if self._stopped: self.start()                                  # an app driven without its startup, or after a shutdown
         if not self.in_process: self._commands.put(command); self._wake.set(); return
         with self._send_lock: self._conn.send(command)
 
@@ -202,7 +202,8 @@ class AsyncEngine:
         for q, item in items: q.put_nowait(item)
 
     def _open(self) -> tuple[int, asyncio.Queue]:
-        "A new request key and the queue its replies arrive on, in the running event loop."
+        "A new request key and the queue its replies arrive on, in the running event loop; starts the engine if it is stopped."
+        if self._stopped: self.start()                                  # an app driven without its startup, or after a shutdown
         key, q = next(self._keys), asyncio.Queue()
         self._routes[key] = (asyncio.get_running_loop(), q)
         return key, q
@@ -226,7 +227,7 @@ class AsyncEngine:
                 yield outs
         finally:
             del self._routes[key]
-            if not finished and not self.failure: self._send(("abort", key))
+            if not finished and not (self._stopped or self.failure): self._send(("abort", key))   # an abort never restarts it
 
     async def call(self, fn, *args):
         """`fn(engine, *args)` on the engine's side between two steps, so the model (and its LoRA rows) is never used by two

@@ -1,6 +1,7 @@
 """Chapter 7's server with the engine in a process of its own (`create_app(..., engine_process=True)`, what `camp serve`
 runs): the same answers as the engine on its own, cancels that free blocks in the other process, the engine's death
 reported as a 503 instead of a hang, a clean shutdown; and `tune_malloc`, measured in page faults."""
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import openai
 import pytest
 
 from course_lib.engine import LLMEngine, SamplingParams
-from course_lib.serve import EngineCore, create_app, serve_in_thread
+from course_lib.serve import EngineCore, chat_prompt, create_app, serve_in_thread
 from test_07_serve import _greedy, concurrent_streaming_chats   # _greedy: a fresh engine in this process
 from tiny import tiny_chat_model
 
@@ -45,7 +46,7 @@ def _assert_no_leak(url: str, timeout: float = 10.0):
 
 def test_the_engine_steps_in_another_process(server):
     runner = server["runner"]
-    assert runner.process.is_alive() and runner.process.pid != __import__("os").getpid()
+    assert runner.process.is_alive() and runner.process.pid != os.getpid()
 
 
 def test_completion_and_chat_stream_equal_engine_greedy(client, server):
@@ -55,7 +56,7 @@ def test_completion_and_chat_stream_equal_engine_greedy(client, server):
     messages = [{"role": "user", "content": "hello there"}]
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
-    prompt = tok.encode(__import__("course_lib.serve", fromlist=["chat_prompt"]).chat_prompt(messages))
+    prompt = tok.encode(chat_prompt(messages))
     assert streamed == tok.decode(_greedy(server, prompt, 12))
 
 
