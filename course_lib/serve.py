@@ -114,6 +114,7 @@ def _engine_process(engine: LLMEngine, conn, torch_threads: int):
     tune_malloc()                                                       # this process is the engine's alone: tune it for the engine
     core = EngineCore(engine)
     try:
+        conn.send("ready")                                              # the server starts listening only after this
         while True:
             commands, timeout = [], 0 if engine.has_unfinished() else None   # idle: sleep until a command comes
             while conn.poll(timeout):
@@ -148,11 +149,20 @@ class AsyncEngine:
                 self.process = ctx.Process(target=_engine_process, args=(self.engine, child, torch.get_num_threads()),
                                            name="camp-engine", daemon=True)
                 self.process.start(); child.close()
+                self._wait_ready()
                 self.thread = threading.Thread(target=self._read_replies, name="camp-engine-replies", daemon=True)
             else:
                 self._commands, self._wake = queue.Queue(), threading.Event()
                 self.thread = threading.Thread(target=self._loop, name="camp-engine", daemon=True)
             self.thread.start()
+
+    def _wait_ready(self, timeout: float = 300):
+        "Block until the engine process says it is ready (torch imported, the engine unpickled), so no request's TTFT pays for its start."
+        try: ready = self._conn.poll(timeout) and self._conn.recv() == "ready"
+        except (EOFError, OSError): ready = False
+        if not ready:
+            self.process.terminate(); self.process.join(timeout=5); self._stopped = True
+            raise RuntimeError(f"the engine process did not start (exit code {self.process.exitcode})")
 
     def _loop(self):
         "The engine thread: commands between steps, a step, its replies to their event loops."
